@@ -1,0 +1,3 @@
+module github.com/lockstepvm/lockstep
+
+go 1.26

@@ -146,10 +146,7 @@ func readGreeting(ctx context.Context, conn net.Conn, r *bufio.Reader) (*Greetin
 	line, err := r.ReadBytes('\n')
 	stop()
 	if err != nil {
-		if ctx.Err() != nil {
-			return nil, fmt.Errorf("qmp: waiting for the greeting: %w", ctx.Err())
-		}
-		return nil, fmt.Errorf("qmp: waiting for the greeting: %w", err)
+		return nil, fmt.Errorf("qmp: waiting for the greeting: %w", ctxError(ctx, err))
 	}
 	m, err := Decode(line)
 	if err != nil {
@@ -179,6 +176,18 @@ func deadlineFromContext(ctx context.Context, set func(time.Time) error) (stop f
 		}
 		set(time.Time{})
 	}
+}
+
+// ctxError turns an I/O deadline that ctx set into ctx's own error. The deadline can fire a
+// moment before ctx records its expiry, so a timeout under a context deadline counts as it.
+func ctxError(ctx context.Context, err error) error {
+	if e := ctx.Err(); e != nil {
+		return e
+	}
+	if _, ok := ctx.Deadline(); ok && errors.Is(err, os.ErrDeadlineExceeded) {
+		return context.DeadlineExceeded
+	}
+	return err
 }
 
 // Greeting returns what QEMU said when the connection opened.
@@ -457,8 +466,8 @@ func (c *Client) write(ctx context.Context, line []byte, files []*os.File) error
 		c.shutdown(fmt.Errorf("writing to QEMU (%d of %d bytes sent): %w", n, len(line), err))
 		return c.Err()
 	}
-	if ctx.Err() != nil {
-		return ctx.Err()
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return ctxError(ctx, err)
 	}
 	c.shutdown(fmt.Errorf("writing to QEMU: %w", err))
 	return c.Err()

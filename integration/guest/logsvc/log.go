@@ -151,6 +151,13 @@ func (l *Log) DiskSummary() (wire.Summary, error) {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	super := make([]byte, SlotSize)
+	if _, err := l.dev.ReadAt(super, 0); err != nil {
+		return wire.Summary{}, fmt.Errorf("read superblock: %w", err)
+	}
+	if id, ok := decodeSuper(super); !ok || id != l.id {
+		return wire.Summary{}, errors.New("superblock lost or replaced")
+	}
 	s := wire.Summary{Checksum: wire.EmptyChecksum}
 	err := scan(l.dev, l.id, func(n uint64, payload []byte) {
 		s.Count++

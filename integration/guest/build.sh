@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Builds the lockstep test guest: a Debian 12 kernel and an initramfs holding
+# busybox, the kernel modules of the guest's devices, the workload service
+# (integration/guest/workload) and /init (integration/guest/init.sh).
+#
+#   integration/guest/build.sh [OUTDIR]      OUTDIR defaults to $BUILD/guest,
+#                                            BUILD to <repo>/build
+#
+# Everything comes from Debian packages (fetched with apt-get download, so
+# verified against the signed apt indexes, and unpacked with dpkg-deb, never
+# installed) and from this repository:
+#   linux-image-amd64 -> the linux-image-<release>-amd64 it depends on:
+#                        vmlinuz, and the modules e1000 (NIC), ata_piix and
+#                        sd_mod (if=ide disk) with their dependencies from
+#                        modules.dep, loaded by /init in dependency order
+#   busybox-static    -> the guest's userland, and the host-side depmod and
+#                        cpio used to build the initramfs
+# The host needs apt-get, dpkg-deb, gzip, flock, sha256sum and Go; all but Go
+# are in every Debian system. apt-get update runs only when a package is
+# unknown to apt (that needs root).
+#
+# Cache layout (OUTDIR):
+#   <key>/vmlinuz, <key>/initrd.img  one build; <key> is a hash of its inputs:
+#                                    the package versions, build.sh, init.sh,
+#                                    the Go files of the workload, go.mod, and
+#                                    the Go version (listed in <key>/inputs.txt)
+#   current -> <key>                 the newest build
+#   vmlinuz, initrd.img              stable links through current/
+#   debs/                            the downloaded .deb files
+# A build whose key exists is reused as it is; older builds beyond the three
+# newest are deleted. Concurrent runs on one OUTDIR serialise on OUTDIR/.lock.
+#
+# On success stdout has exactly two lines, kernel=<path> and initrd=<path>,
+# absolute paths inside <key>/ that stay valid until a later build prunes
+# them; progress goes to stderr.
+set -euo pipefail
+
+# The kernel modules the guest loads, dependencies added automatically.
+MODULES=(e1000 ata_piix sd_mod)
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+BUILD=${BUILD:-$REPO/build}
+OUT=${1:-$BUILD/guest}
+
+log() { echo "guest: $*" >&2; }
+die() {
+	echo "guest: error: $*" >&2
+	exit 1
+}
+
+GO=${GO:-go}
+if ! command -v "$GO" >/dev/null; then
+	[ -x /usr/local/go/bin/go ] || die "go not found"
+	GO=/usr/local/go/bin/go
+fi
+for c in apt-get apt-cache dpkg-deb gzip sha256sum flock find touch; do
+	command -v "$c" >/dev/null || die "$c not found"
+done
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+exec 9>"$OUT/.lock"
+flock 9
+
+# --- resolve the inputs ----------------------------------------------------
+
+APT_UPDATED=0
+candidate() { apt-cache policy "$1" 2>/dev/null | awk '$1 == "Candidate:" { print $2 }'; }
+
+# version PKG: the version apt would install, after one apt-get update if apt
+# does not know PKG yet (a fresh machine has empty package lists).
+version() {
+	local v
+	v=$(candidate "$1")
+	if { [ -z "$v" ] || [ "$v" = "(none)" ]; } && [ "$APT_UPDATED" = 0 ]; then
+		log "$1 unknown to apt: apt-get update"
+		apt-get update -qq >&2 || die "apt-get update failed (it needs root)"
+		APT_UPDATED=1
+		v=$(candidate "$1")
+	fi
+	[ -n "$v" ] && [ "$v" != "(none)" ] || die "package $1 not available from apt"
+	echo "$v"
+}
+
+META_VER=$(version linux-image-amd64) # resolves the lists before the next line
+KPKG=$(apt-cache show "linux-image-amd64=$META_VER" | sed -n 's/^Depends: //p' | head -n1 |
+	tr ',|' '\n\n' | sed 's/^ *//; s/ .*//' | grep -E '^linux-image-[0-9].*-amd64$' | head -n1) ||
+	die "cannot resolve linux-image-amd64 $META_VER to a kernel package"
+KREL=${KPKG#linux-image-}
+KVER=$(version "$KPKG")
+BBVER=$(version busybox-static)
+ARCH=$(dpkg --print-architecture)
+
+workload_files() {
+	(cd "$REPO" && "$GO" list -deps -f \
+		'{{if not .Standard}}{{$d := .Dir}}{{range .GoFiles}}{{$d}}/{{.}}{{"\n"}}{{end}}{{range .EmbedFiles}}{{$d}}/{{.}}{{"\n"}}{{end}}{{end}}' \
+		./integration/guest/workload) | LC_ALL=C sort
+}
+
+INPUTS=$(
+	echo "kernel $KPKG $KVER"
+	echo "busybox-static $BBVER"
+	echo "arch $ARCH"
+	echo "modules ${MODULES[*]}"
+	"$GO" version
+	for f in "$HERE/build.sh" "$HERE/init.sh" "$REPO/go.mod" $(workload_files); do
+		echo "$(sha256sum <"$f" | cut -c1-64) ${f#"$REPO"/}"
+	done
+	if [ -f "$REPO/go.sum" ]; then echo "$(sha256sum <"$REPO/go.sum" | cut -c1-64) go.sum"; fi
+)
+KEY=$(printf '%s\n' "$INPUTS" | sha256sum | cut -c1-16)
+FINAL=$OUT/$KEY
+
+publish() {
+	ln -sfn "$KEY" "$OUT/.current.tmp"
+	mv -T "$OUT/.current.tmp" "$OUT/current"
+	ln -sfn current/vmlinuz "$OUT/vmlinuz"
+	ln -sfn current/initrd.img "$OUT/initrd.img"
+	touch "$FINAL"
+	echo "kernel=$FINAL/vmlinuz"
+	echo "initrd=$FINAL/initrd.img"
+}
+
+if [ -f "$FINAL/vmlinuz" ] && [ -f "$FINAL/initrd.img" ]; then
+	log "up to date: $FINAL ($KPKG $KVER, busybox-static $BBVER)"
+	publish
+	exit 0
+fi
+
+# --- build -----------------------------------------------------------------
+
+log "building $FINAL ($KPKG $KVER, busybox-static $BBVER)"
+WORK=$(mktemp -d "$OUT/.work.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+
+DEBS=$OUT/debs
+mkdir -p "$DEBS"
+# fetch PKG VERSION: path of the .deb, downloaded unless cached.
+fetch() {
+	local f="$DEBS/${1}_${2//:/%3a}_$ARCH.deb"
+	if [ ! -f "$f" ]; then
+		log "apt-get download $1=$2"
+		local opts=()
+		# As root apt drops to the _apt user, which cannot write here.
+		[ "$(id -u)" = 0 ] && opts=(-o APT::Sandbox::User=root)
+		(cd "$DEBS" && apt-get download -q "${opts[@]}" "$1=$2" >&2) || die "apt-get download $1=$2 failed"
+	fi
+	[ -f "$f" ] || die "apt-get download $1=$2 did not produce $f"
+	[ "$(dpkg-deb -f "$f" Version)" = "$2" ] || die "$f is not version $2"
+	echo "$f"
+}
+KDEB=$(fetch "$KPKG" "$KVER")
+BBDEB=$(fetch busybox-static "$BBVER")
+
+dpkg-deb -x "$BBDEB" "$WORK/bb"
+BB=$WORK/bb/bin/busybox
+[ -x "$BB" ] || die "no bin/busybox in $BBDEB"
+# The whole kernel package (about 400 MB unpacked) so depmod sees every module.
+dpkg-deb -x "$KDEB" "$WORK/k"
+MODDIR=$WORK/k/lib/modules/$KREL
+[ -f "$WORK/k/boot/vmlinuz-$KREL" ] && [ -d "$MODDIR" ] || die "$KDEB lacks vmlinuz or modules of $KREL"
+# The package ships no modules.dep: depmod runs at install time.
+"$BB" depmod -b "$WORK/k" "$KREL"
+
+# Resolve the modules and their dependencies into a load order: a depth-first
+# walk of modules.dep, each module after everything it depends on.
+declare -A DEPS PATHOF SEEN
+while IFS= read -r line; do
+	mod=${line%%:*}
+	name=${mod##*/}
+	name=${name%%.ko*}
+	PATHOF[${name//-/_}]=$mod
+	DEPS[$mod]=${line#*:}
+done <"$MODDIR/modules.dep"
+ORDER=()
+visit() {
+	local d
+	[ -z "${SEEN[$1]:-}" ] || return 0
+	SEEN[$1]=1
+	for d in ${DEPS[$1]}; do visit "$d"; done
+	ORDER+=("$1")
+}
+for name in "${MODULES[@]}"; do
+	p=${PATHOF[${name//-/_}]:-}
+	if [ -z "$p" ]; then
+		grep -qE "/${name}\.ko" "$MODDIR/modules.builtin" || die "module $name not found in $KREL"
+		log "$name is built into $KREL"
+		continue
+	fi
+	visit "$p"
+done
+
+R=$WORK/root
+mkdir -p "$R"/{bin,dev,proc,sys,tmp,lib/modules}
+cp "$BB" "$R/bin/busybox"
+for applet in $("$BB" --list); do
+	[ "$applet" = busybox ] || ln -s busybox "$R/bin/$applet"
+done
+install -m 0755 "$HERE/init.sh" "$R/init"
+for mod in "${ORDER[@]}"; do
+	base=${mod##*/}
+	case "$base" in
+	*.ko) cp "$MODDIR/$mod" "$R/lib/modules/$base" ;;
+	*.ko.xz) "$BB" xz -dc "$MODDIR/$mod" >"$R/lib/modules/${base%.xz}" && base=${base%.xz} ;;
+	*) die "cannot load compressed module $base" ;;
+	esac
+	echo "$base" >>"$R/lib/modules/load-order"
+done
+log "modules: $(tr '\n' ' ' <"$R/lib/modules/load-order")"
+
+log "go build workload"
+(cd "$REPO" && CGO_ENABLED=0 GOOS=linux GOARCH=amd64 "$GO" build -trimpath -ldflags='-s -w' \
+	-o "$R/bin/workload" ./integration/guest/workload) || die "go build of the workload failed"
+
+mkdir "$WORK/out"
+# Fixed times and sorted names keep the archive's bytes a function of its inputs.
+find "$R" -exec touch -h -d @0 {} +
+(cd "$R" && find . -mindepth 1 | LC_ALL=C sort | "$BB" cpio -o -H newc -R 0:0) |
+	gzip -9n >"$WORK/out/initrd.img"
+cp "$WORK/k/boot/vmlinuz-$KREL" "$WORK/out/vmlinuz"
+printf '%s\n' "$INPUTS" >"$WORK/out/inputs.txt"
+mv "$WORK/out" "$FINAL"
+log "initrd.img $(du -k "$FINAL/initrd.img" | cut -f1) KiB, vmlinuz $(du -k "$FINAL/vmlinuz" | cut -f1) KiB"
+
+# Keep the three newest builds, and only the .debs of this one.
+kept=0
+for d in $(ls -1dt "$OUT"/*/); do
+	[ -f "$d/inputs.txt" ] || continue
+	kept=$((kept + 1))
+	[ "$kept" -le 3 ] || rm -rf "$d"
+done
+find "$DEBS" -name '*.deb' ! -name "${KDEB##*/}" ! -name "${BBDEB##*/}" -delete
+
+publish

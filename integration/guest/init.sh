@@ -1,0 +1,50 @@
+#!/bin/sh
+# /init of the lockstep test guest (busybox ash, PID 1). build.sh copies it
+# into the initramfs. It loads the disk and NIC modules, configures the
+# network from the kernel command line and runs the workload service forever.
+#
+# Kernel command line parameters (all optional):
+#   lockstep.ip=10.0.2.15/24   address of eth0
+#   lockstep.gw=10.0.2.2       default gateway
+#   lockstep.port=7777         TCP port of the workload service
+# Console lines starting with "lockstep-guest:" are markers for tests.
+
+export PATH=/bin
+mount -t devtmpfs devtmpfs /dev
+# The initramfs has no /dev/console of its own (building it must not need
+# root for mknod), so the kernel started us without stdio: attach it now.
+exec </dev/console >/dev/console 2>&1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "lockstep-guest: init started, kernel $(uname -r)"
+
+IP=10.0.2.15/24
+GW=10.0.2.2
+PORT=7777
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	lockstep.ip=*) IP=${arg#*=} ;;
+	lockstep.gw=*) GW=${arg#*=} ;;
+	lockstep.port=*) PORT=${arg#*=} ;;
+	esac
+done
+
+# Modules in dependency order, as build.sh resolved them from modules.dep.
+while read -r mod; do
+	insmod "/lib/modules/$mod" || echo "lockstep-guest: insmod $mod failed"
+done </lib/modules/load-order
+echo "lockstep-guest: modules loaded"
+
+ip link set lo up
+ip link set eth0 up
+ip addr add "$IP" dev eth0
+ip route add default via "$GW" dev eth0 || echo "lockstep-guest: no route via $GW"
+echo "lockstep-guest: network eth0 $IP gw $GW"
+
+# Respawn the workload: a test may kill it on purpose, and PID 1 must never
+# exit (that would panic the kernel).
+while :; do
+	/bin/workload -listen ":$PORT" -disk /dev/sda
+	echo "lockstep-guest: workload exited with status $?, restarting in 1s"
+	sleep 1
+done

@@ -310,6 +310,9 @@ type YankInstance struct {
 // Yank cuts the network connections of the given instances, out of band when OOB was
 // negotiated, so that it works while an in-band command hangs on them.
 func (c *Client) Yank(ctx context.Context, instances ...YankInstance) error {
+	if instances == nil {
+		instances = []YankInstance{} // QEMU wants an array, never null
+	}
 	args := map[string]any{"instances": instances}
 	if c.oob {
 		return c.ExecuteOOB(ctx, "yank", args, nil)

@@ -22,8 +22,8 @@
 # Cache layout (OUTDIR):
 #   <key>/vmlinuz, <key>/initrd.img  one build; <key> is a hash of its inputs:
 #                                    the package versions, build.sh, init.sh,
-#                                    the Go files of the workload, go.mod, and
-#                                    the Go version (listed in <key>/inputs.txt)
+#                                    the Go files of the workload, the go line
+#                                    of go.mod and the Go version (listed in <key>/inputs.txt)
 #   current -> <key>                 the newest build
 #   vmlinuz, initrd.img              stable links through current/
 #   debs/                            the downloaded .deb files
@@ -65,31 +65,32 @@ flock 9
 
 # --- resolve the inputs ----------------------------------------------------
 
-APT_UPDATED=0
-candidate() { apt-cache policy "$1" 2>/dev/null | awk '$1 == "Candidate:" { print $2 }'; }
-
-# version PKG: the version apt would install, after one apt-get update if apt
-# does not know PKG yet (a fresh machine has empty package lists).
-version() {
-	local v
-	v=$(candidate "$1")
-	if { [ -z "$v" ] || [ "$v" = "(none)" ]; } && [ "$APT_UPDATED" = 0 ]; then
-		log "$1 unknown to apt: apt-get update"
-		apt-get update -qq >&2 || die "apt-get update failed (it needs root)"
-		APT_UPDATED=1
-		v=$(candidate "$1")
-	fi
-	[ -n "$v" ] && [ "$v" != "(none)" ] || die "package $1 not available from apt"
-	echo "$v"
+# candidates: the versions apt would install of linux-image-amd64 and
+# busybox-static, and the metapackage's dependencies, as three lines. One
+# apt-cache call, since each costs most of a second.
+candidates() {
+	apt-cache show --no-all-versions linux-image-amd64 busybox-static 2>/dev/null | awk '
+		/^Package: / { p = $2 }
+		/^Version: / { v[p] = $2 }
+		/^Depends: / { sub(/^Depends: /, ""); d[p] = $0 }
+		END { print v["linux-image-amd64"]; print d["linux-image-amd64"]; print v["busybox-static"] }'
 }
-
-META_VER=$(version linux-image-amd64) # resolves the lists before the next line
-KPKG=$(apt-cache show "linux-image-amd64=$META_VER" | sed -n 's/^Depends: //p' | head -n1 |
-	tr ',|' '\n\n' | sed 's/^ *//; s/ .*//' | grep -E '^linux-image-[0-9].*-amd64$' | head -n1) ||
-	die "cannot resolve linux-image-amd64 $META_VER to a kernel package"
+mapfile -t CAND < <(candidates)
+if [ -z "${CAND[0]}" ] || [ -z "${CAND[2]}" ]; then
+	# A fresh machine has empty package lists.
+	log "linux-image-amd64 or busybox-static unknown to apt: apt-get update"
+	apt-get update -qq >&2 || die "apt-get update failed (it needs root)"
+	mapfile -t CAND < <(candidates)
+	[ -n "${CAND[0]}" ] && [ -n "${CAND[2]}" ] || die "linux-image-amd64 or busybox-static not available from apt"
+fi
+BBVER=${CAND[2]}
+# The metapackage depends on exactly one kernel: "linux-image-<release>-amd64 (= <version>)".
+KDEP=$(tr ',|' '\n\n' <<<"${CAND[1]}" | sed 's/^ *//' | grep -E '^linux-image-[0-9][^ ]*-amd64 \(= [^)]*\)$' | head -n1) ||
+	die "cannot resolve linux-image-amd64 ${CAND[0]} (depends: ${CAND[1]}) to a kernel package"
+KPKG=${KDEP%% *}
+KVER=${KDEP##*= }
+KVER=${KVER%)}
 KREL=${KPKG#linux-image-}
-KVER=$(version "$KPKG")
-BBVER=$(version busybox-static)
 ARCH=$(dpkg --print-architecture)
 
 workload_files() {
@@ -104,10 +105,12 @@ INPUTS=$(
 	echo "arch $ARCH"
 	echo "modules ${MODULES[*]}"
 	"$GO" version
-	for f in "$HERE/build.sh" "$HERE/init.sh" "$REPO/go.mod" $(workload_files); do
+	# go.mod only for its language version: the workload's own dependencies,
+	# should it ever have any, are among the files that go list reports.
+	grep -E '^(go|toolchain) ' "$REPO/go.mod" | sed 's/^/go.mod: /'
+	for f in "$HERE/build.sh" "$HERE/init.sh" $(workload_files); do
 		echo "$(sha256sum <"$f" | cut -c1-64) ${f#"$REPO"/}"
 	done
-	if [ -f "$REPO/go.sum" ]; then echo "$(sha256sum <"$REPO/go.sum" | cut -c1-64) go.sum"; fi
 )
 KEY=$(printf '%s\n' "$INPUTS" | sha256sum | cut -c1-16)
 FINAL=$OUT/$KEY

@@ -54,9 +54,14 @@ if ! command -v "$GO" >/dev/null; then
 	[ -x /usr/local/go/bin/go ] || die "go not found"
 	GO=/usr/local/go/bin/go
 fi
-for c in apt-get apt-cache dpkg-deb gzip sha256sum flock find touch; do
+for c in apt-get apt-cache dpkg-deb gzip sha256sum flock find touch od dd; do
 	command -v "$c" >/dev/null || die "$c not found"
 done
+if ! command -v xz >/dev/null; then
+	log "apt-get install xz-utils"
+	apt-get install -y -qq xz-utils >&2 || { apt-get update -qq >&2 && apt-get install -y -qq xz-utils >&2; } ||
+		die "cannot install xz-utils (it needs root)"
+fi
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -119,13 +124,14 @@ publish() {
 	ln -sfn "$KEY" "$OUT/.current.tmp"
 	mv -T "$OUT/.current.tmp" "$OUT/current"
 	ln -sfn current/vmlinuz "$OUT/vmlinuz"
+	ln -sfn "current/$(cat "$FINAL/kernel-name")" "$OUT/kernel"
 	ln -sfn current/initrd.img "$OUT/initrd.img"
 	touch "$FINAL"
-	echo "kernel=$FINAL/vmlinuz"
+	echo "kernel=$FINAL/$(cat "$FINAL/kernel-name")"
 	echo "initrd=$FINAL/initrd.img"
 }
 
-if [ -f "$FINAL/vmlinuz" ] && [ -f "$FINAL/initrd.img" ]; then
+if [ -f "$FINAL/kernel-name" ] && [ -f "$FINAL/initrd.img" ]; then
 	log "up to date: $FINAL ($KPKG $KVER, busybox-static $BBVER)"
 	publish
 	exit 0
@@ -166,9 +172,12 @@ MODDIR=$WORK/k/lib/modules/$KREL
 # The package ships no modules.dep: depmod runs at install time.
 "$BB" depmod -b "$WORK/k" "$KREL"
 
-# Resolve the modules and their dependencies into a load order: a depth-first
-# walk of modules.dep, each module after everything it depends on.
-declare -A DEPS PATHOF SEEN
+# Resolve the modules and their dependencies into load orders: a depth-first
+# walk of modules.dep puts each module after everything it depends on.
+# Modules that share no dependency form separate groups, which /init loads in
+# parallel: the NIC's probe and the disk's probe each spend most of their
+# time waiting on emulated hardware.
+declare -A DEPS PATHOF
 while IFS= read -r line; do
 	mod=${line%%:*}
 	name=${mod##*/}
@@ -176,14 +185,21 @@ while IFS= read -r line; do
 	PATHOF[${name//-/_}]=$mod
 	DEPS[$mod]=${line#*:}
 done <"$MODDIR/modules.dep"
-ORDER=()
-visit() {
-	local d
-	[ -z "${SEEN[$1]:-}" ] || return 0
-	SEEN[$1]=1
-	for d in ${DEPS[$1]}; do visit "$d"; done
-	ORDER+=("$1")
+# closure MOD: MOD and its dependencies, each after its own dependencies.
+closure() {
+	local -A seen=()
+	local order=()
+	visit() {
+		local d
+		[ -z "${seen[$1]:-}" ] || return 0
+		seen[$1]=1
+		for d in ${DEPS[$1]}; do visit "$d"; done
+		order+=("$1")
+	}
+	visit "$1"
+	echo "${order[*]}"
 }
+MODGROUPS=()
 for name in "${MODULES[@]}"; do
 	p=${PATHOF[${name//-/_}]:-}
 	if [ -z "$p" ]; then
@@ -191,7 +207,18 @@ for name in "${MODULES[@]}"; do
 		log "$name is built into $KREL"
 		continue
 	fi
-	visit "$p"
+	c=$(closure "$p")
+	# Merge every group that shares a module with this closure: each group is
+	# a complete closure, so the concatenation stays in dependency order.
+	merged=""
+	rest=()
+	for g in "${MODGROUPS[@]}"; do
+		shared=0
+		for m in $c; do case " $g " in *" $m "*) shared=1 ;; esac; done
+		if [ $shared = 1 ]; then merged="$merged $g"; else rest+=("$g"); fi
+	done
+	for m in $c; do case " $merged " in *" $m "*) ;; *) merged="$merged $m" ;; esac; done
+	MODGROUPS=("${rest[@]}" "${merged# }")
 done
 
 R=$WORK/root
@@ -201,16 +228,21 @@ for applet in $("$BB" --list); do
 	[ "$applet" = busybox ] || ln -s busybox "$R/bin/$applet"
 done
 install -m 0755 "$HERE/init.sh" "$R/init"
-for mod in "${ORDER[@]}"; do
-	base=${mod##*/}
-	case "$base" in
-	*.ko) cp "$MODDIR/$mod" "$R/lib/modules/$base" ;;
-	*.ko.xz) "$BB" xz -dc "$MODDIR/$mod" >"$R/lib/modules/${base%.xz}" && base=${base%.xz} ;;
-	*) die "cannot load compressed module $base" ;;
-	esac
-	echo "$base" >>"$R/lib/modules/load-order"
+# lib/modules/load-order: one line per group, the module files in load order.
+for g in "${MODGROUPS[@]}"; do
+	line=()
+	for mod in $g; do
+		base=${mod##*/}
+		case "$base" in
+		*.ko) cp "$MODDIR/$mod" "$R/lib/modules/$base" ;;
+		*.ko.xz) xz -dc "$MODDIR/$mod" >"$R/lib/modules/${base%.xz}" && base=${base%.xz} ;;
+		*) die "cannot load compressed module $base" ;;
+		esac
+		line+=("$base")
+	done
+	echo "${line[*]}" >>"$R/lib/modules/load-order"
+	log "module group: ${line[*]}"
 done
-log "modules: $(tr '\n' ' ' <"$R/lib/modules/load-order")"
 
 log "go build workload"
 (cd "$REPO" && CGO_ENABLED=0 GOOS=linux GOARCH=amd64 "$GO" build -trimpath -ldflags='-s -w' \
@@ -222,6 +254,32 @@ find "$R" -exec touch -h -d @0 {} +
 (cd "$R" && find . -mindepth 1 | LC_ALL=C sort | "$BB" cpio -o -H newc -R 0:0) |
 	gzip -9n >"$WORK/out/initrd.img"
 cp "$WORK/k/boot/vmlinuz-$KREL" "$WORK/out/vmlinuz"
+# Decompress the kernel ahead of time: under TCG the bzImage spends about 4 s
+# unpacking its XZ payload at every boot. QEMU boots the uncompressed ELF
+# through the kernel's PVH entry point (CONFIG_PVH). The payload starts
+# payload_offset (setup header, 0x248) bytes after the (setup_sects+1) sectors
+# of real-mode setup (setup_sects at 0x1f1) and is payload_length (0x24c) long.
+if grep -q '^CONFIG_PVH=y' "$WORK/k/boot/config-$KREL"; then
+	bz=$WORK/out/vmlinuz
+	setup_sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$bz" | tr -d ' ')
+	payload=$(od -An -tu4 -j $((0x248)) -N4 "$bz" | tr -d ' ')
+	start=$(((setup_sects + 1) * 512 + payload))
+	[ "$(od -An -c -j "$start" -N6 "$bz" | tr -d ' ')" = '3757zXZ\0' ] ||
+		die "vmlinuz-$KREL: no XZ payload at offset $start"
+	len=$(od -An -tu4 -j $((0x24c)) -N4 "$bz" | tr -d ' ')
+	# The payload ends in its 4-byte uncompressed size, which xz ignores
+	# with --single-stream.
+	dd if="$bz" iflag=skip_bytes,count_bytes skip="$start" count="$len" bs=1M status=none |
+		xz -dc --single-stream >"$WORK/out/vmlinux" ||
+		die "cannot decompress vmlinuz-$KREL"
+	[ "$(od -An -c -N4 "$WORK/out/vmlinux" | tr -d ' ')" = '177ELF' ] ||
+		die "vmlinuz-$KREL: payload is not an ELF image"
+	KERNEL=vmlinux
+else
+	log "$KREL lacks CONFIG_PVH: booting the compressed vmlinuz"
+	KERNEL=vmlinuz
+fi
+echo "$KERNEL" >"$WORK/out/kernel-name"
 printf '%s\n' "$INPUTS" >"$WORK/out/inputs.txt"
 mv "$WORK/out" "$FINAL"
 log "initrd.img $(du -k "$FINAL/initrd.img" | cut -f1) KiB, vmlinuz $(du -k "$FINAL/vmlinuz" | cut -f1) KiB"

@@ -29,10 +29,16 @@ for arg in $(cat /proc/cmdline); do
 	esac
 done
 
-# Modules in dependency order, as build.sh resolved them from modules.dep.
-while read -r mod; do
-	insmod "/lib/modules/$mod" || echo "lockstep-guest: insmod $mod failed"
+# One line per group of modules, each in dependency order as build.sh resolved
+# them from modules.dep; groups share nothing, so they load in parallel.
+while read -r group; do
+	(
+		for mod in $group; do
+			insmod "/lib/modules/$mod" || echo "lockstep-guest: insmod $mod failed"
+		done
+	) &
 done </lib/modules/load-order
+wait
 echo "lockstep-guest: modules loaded"
 
 ip link set lo up

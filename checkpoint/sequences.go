@@ -1,0 +1,447 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/lockstepvm/lockstep/qmp"
+)
+
+// Generation is one protection of the pair: a primary and a fresh secondary joined over a new set
+// of ports. Node and job names carry its number so that generations never collide.
+type Generation struct {
+	N             int
+	Ports         Ports
+	PrimaryHost   string
+	SecondaryHost string
+}
+
+// NBDNode is the primary's NBD client node of the secondary's replica.
+func (g Generation) NBDNode() string { return "nbd" + strconv.Itoa(g.N) }
+
+// ResyncJob is the id of the disk resync job.
+func (g Generation) ResyncJob() string { return "resync" + strconv.Itoa(g.N) }
+
+// MigrationFD is the name under which the migration socket is passed to QEMU.
+func (g Generation) MigrationFD() string { return "mig" + strconv.Itoa(g.N) }
+
+// ResyncProgress reports the disk resync: bytes copied of the total.
+type ResyncProgress func(offset, length int64)
+
+// ProtectConfig is what StartProtection and Reprotect need.
+type ProtectConfig struct {
+	Spec      Spec
+	Gen       Generation
+	Primary   *qmp.Client
+	Secondary *qmp.Client
+	// DialMigration, when set, opens the migration connection to the secondary; the socket is
+	// passed to QEMU with getfd and used with "migrate fd:", so the caller keeps a copy to read
+	// TCP_INFO (bytes per checkpoint). When nil, QEMU dials "tcp:" itself.
+	DialMigration func(ctx context.Context) (*os.File, error)
+	OnResync      ResyncProgress
+	// ResyncTimeout bounds the disk resync (default 10 minutes).
+	ResyncTimeout time.Duration
+}
+
+// StartProtection protects a running primary with a fresh secondary started by SecondaryArgs.
+//
+// It is the live form of COLO-REFERENCE's sequence: the primary has been running unprotected, so
+// its disk is resynced to the secondary's replica with blockdev-mirror while it runs, and the COLO
+// network channels and filters are created switched off; migration pauses before switchover
+// (the VM is then stopped by migration), the filters come on, the resync is completed and the
+// replica joins the quorum, and only then does migration continue into COLO. No packet is
+// released unfiltered and no disk write is missed.
+func StartProtection(c ProtectConfig) Sequence { return protect("start-protection", c) }
+
+// Reprotect protects a survivor of a failover with a fresh secondary. The steps are those of
+// StartProtection; the survivor's filter-rewriter (rew0, when it was a secondary) stays first in
+// its filter chain, and the new filters are appended behind it.
+func Reprotect(c ProtectConfig) Sequence { return protect("reprotect", c) }
+
+func socketBackend(host string, port int, server bool) map[string]any {
+	data := map[string]any{
+		"addr":   map[string]any{"type": "inet", "data": map[string]any{"host": host, "port": strconv.Itoa(port)}},
+		"server": server,
+	}
+	if server {
+		data["wait"] = false
+	}
+	return map[string]any{"type": "socket", "data": data}
+}
+
+func protect(name string, c ProtectConfig) Sequence {
+	p, s, g := c.Primary, c.Secondary, c.Gen
+	var pf, sf *qmp.Features
+	var migSub, jobSub *qmp.Subscription
+	var migFile *os.File
+	resyncTimeout := c.ResyncTimeout
+	if resyncTimeout == 0 {
+		resyncTimeout = 10 * time.Minute
+	}
+	colo := func(f *qmp.Features, extra ...string) map[string]bool {
+		caps := map[string]bool{qmp.CapXColo: true}
+		if f.ColoNeedsReturnPath {
+			caps[qmp.CapReturnPath] = true
+		}
+		for _, e := range extra {
+			caps[e] = true
+		}
+		return caps
+	}
+	delay := uint32(c.Spec.Tunables.CheckpointDelay / time.Millisecond)
+	compareMS := int(c.Spec.Tunables.CompareTimeout / time.Millisecond)
+
+	steps := []Step{
+		{Name: "probe QEMUs", Timeout: 15 * time.Second, Run: func(ctx context.Context) error {
+			var err error
+			if pf, err = p.Features(ctx); err != nil {
+				return fmt.Errorf("primary: %w", err)
+			}
+			if sf, err = s.Features(ctx); err != nil {
+				return fmt.Errorf("secondary: %w", err)
+			}
+			if pf.Version.String() != sf.Version.String() {
+				return fmt.Errorf("primary runs QEMU %s, secondary %s: COLO needs the same version on both sides", pf.Version, sf.Version)
+			}
+			for _, cp := range []string{qmp.CapXColo, qmp.CapPauseBeforeSwitchover, qmp.CapEvents} {
+				if !pf.HasCapability(cp) {
+					return fmt.Errorf("QEMU %s lacks migration capability %s", pf.Version, cp)
+				}
+			}
+			if !pf.BlockdevAddNBD {
+				return fmt.Errorf("QEMU %s cannot blockdev-add an nbd node", pf.Version)
+			}
+			migSub = p.Subscribe(qmp.EventMigration)
+			jobSub = p.Subscribe(qmp.EventJobStatusChange)
+			return nil
+		}},
+		{Name: "secondary: migrate-set-capabilities", Run: func(ctx context.Context) error {
+			return s.MigrateSetCapabilities(ctx, colo(sf))
+		}},
+		{Name: "secondary: nbd-server-start", Run: func(ctx context.Context) error {
+			return s.NBDServerStart(ctx, g.SecondaryHost, strconv.Itoa(g.Ports.NBD))
+		}},
+		{Name: "secondary: nbd-server-add " + ReplicaNode, Run: func(ctx context.Context) error {
+			return s.NBDServerAdd(ctx, ReplicaNode, true)
+		}},
+	}
+	for _, ch := range []struct {
+		id      string
+		backend map[string]any
+	}{
+		{chMirror, socketBackend(g.PrimaryHost, g.Ports.Mirror, true)},
+		{chCompare, socketBackend(g.PrimaryHost, g.Ports.Compare, true)},
+		{chCompareIn, socketBackend("127.0.0.1", g.Ports.CompareIn, true)},
+		{chCompareIn0, socketBackend("127.0.0.1", g.Ports.CompareIn, false)},
+		{chCompareOut, socketBackend("127.0.0.1", g.Ports.CompareOut, true)},
+		{chCompareOut0, socketBackend("127.0.0.1", g.Ports.CompareOut, false)},
+	} {
+		ch := ch
+		steps = append(steps, Step{Name: "primary: chardev-add " + ch.id, Run: func(ctx context.Context) error {
+			return p.ChardevAdd(ctx, ch.id, ch.backend)
+		}})
+	}
+	steps = append(steps,
+		Step{Name: "primary: blockdev-add " + g.NBDNode(), Timeout: 10 * time.Second, Run: func(ctx context.Context) error {
+			return p.BlockdevAdd(ctx, map[string]any{
+				"driver": "nbd", "node-name": g.NBDNode(), "export": ReplicaNode, "detect-zeroes": "on",
+				"server": map[string]any{"type": "inet", "host": g.SecondaryHost, "port": strconv.Itoa(g.Ports.NBD)},
+			})
+		}},
+		Step{Name: "primary: blockdev-mirror " + g.ResyncJob(), Run: func(ctx context.Context) error {
+			return p.BlockdevMirror(ctx, map[string]any{
+				"job-id": g.ResyncJob(), "device": QuorumNode, "target": g.NBDNode(),
+				"sync": "full", "auto-dismiss": false,
+			})
+		}},
+		Step{Name: "primary: wait resync ready", Timeout: resyncTimeout, Run: func(ctx context.Context) error {
+			return waitResync(ctx, p, jobSub, g.ResyncJob(), c.OnResync)
+		}},
+		Step{Name: "primary: object-add " + objMirror + " (off)", Run: func(ctx context.Context) error {
+			return p.ObjectAdd(ctx, "filter-mirror", objMirror, map[string]any{
+				"netdev": NetdevID, "queue": "tx", "outdev": chMirror, "status": "off"})
+		}},
+		Step{Name: "primary: object-add " + objRedirIn + " (off)", Run: func(ctx context.Context) error {
+			return p.ObjectAdd(ctx, "filter-redirector", objRedirIn, map[string]any{
+				"netdev": NetdevID, "queue": "rx", "indev": chCompareOut, "status": "off"})
+		}},
+		Step{Name: "primary: object-add " + objRedirOut + " (off)", Run: func(ctx context.Context) error {
+			return p.ObjectAdd(ctx, "filter-redirector", objRedirOut, map[string]any{
+				"netdev": NetdevID, "queue": "rx", "outdev": chCompareIn, "status": "off"})
+		}},
+		Step{Name: "primary: object-add " + objIOThread, Run: func(ctx context.Context) error {
+			return p.ObjectAdd(ctx, "iothread", objIOThread, nil)
+		}},
+		Step{Name: "primary: object-add " + objCompare, Run: func(ctx context.Context) error {
+			return p.ObjectAdd(ctx, "colo-compare", objCompare, map[string]any{
+				"primary_in": chCompareIn0, "secondary_in": chCompare, "outdev": chCompareOut0,
+				"iothread": objIOThread, "compare_timeout": compareMS})
+		}},
+		Step{Name: "primary: migrate-set-capabilities", Run: func(ctx context.Context) error {
+			return p.MigrateSetCapabilities(ctx, colo(pf, qmp.CapEvents, qmp.CapPauseBeforeSwitchover))
+		}},
+		Step{Name: "primary: migrate-set-parameters", Run: func(ctx context.Context) error {
+			params := qmp.MigrationParameters{XCheckpointDelay: &delay}
+			if bw := c.Spec.Tunables.MaxBandwidth; bw > 0 {
+				params.MaxBandwidth = &bw
+			}
+			return p.MigrateSetParameters(ctx, params)
+		}},
+		Step{Name: "primary: migrate", Timeout: 10 * time.Second, Run: func(ctx context.Context) error {
+			if c.DialMigration == nil {
+				return p.Migrate(ctx, fmt.Sprintf("tcp:%s:%d", g.SecondaryHost, g.Ports.Migration))
+			}
+			f, err := c.DialMigration(ctx)
+			if err != nil {
+				return fmt.Errorf("opening the migration connection: %w", err)
+			}
+			migFile = f
+			if err := p.GetFD(ctx, g.MigrationFD(), f); err != nil {
+				return err
+			}
+			return p.Migrate(ctx, "fd:"+g.MigrationFD())
+		}},
+		Step{Name: "primary: wait pre-switchover", Timeout: 5 * time.Minute, Run: func(ctx context.Context) error {
+			return waitMigration(ctx, migSub, qmp.MigrationPreSwitchover)
+		}},
+	)
+	for _, id := range []string{objMirror, objRedirIn, objRedirOut} {
+		id := id
+		steps = append(steps, Step{Name: "primary: " + id + " on", Run: func(ctx context.Context) error {
+			return p.QomSet(ctx, "/objects/"+id, "status", "on")
+		}})
+	}
+	steps = append(steps,
+		Step{Name: "primary: block-job-cancel " + g.ResyncJob(), Run: func(ctx context.Context) error {
+			return p.BlockJobCancel(ctx, g.ResyncJob(), false)
+		}},
+		Step{Name: "primary: wait resync concluded", Timeout: 30 * time.Second, Run: func(ctx context.Context) error {
+			return waitJob(ctx, jobSub, g.ResyncJob(), "concluded")
+		}},
+		Step{Name: "primary: block-job-dismiss " + g.ResyncJob(), Run: func(ctx context.Context) error {
+			return p.BlockJobDismiss(ctx, g.ResyncJob())
+		}},
+		Step{Name: "primary: x-blockdev-change add " + g.NBDNode(), Run: func(ctx context.Context) error {
+			return p.XBlockdevChangeAdd(ctx, QuorumNode, g.NBDNode())
+		}},
+		Step{Name: "primary: migrate-continue", Run: func(ctx context.Context) error {
+			return p.MigrateContinue(ctx, qmp.MigrationPreSwitchover)
+		}},
+		Step{Name: "primary: wait colo", Timeout: 60 * time.Second, Run: func(ctx context.Context) error {
+			return waitMigration(ctx, migSub, qmp.MigrationColo)
+		}},
+		Step{Name: "secondary: query-colo-status", Run: func(ctx context.Context) error {
+			st, err := s.QueryColoStatus(ctx)
+			if err != nil {
+				return err
+			}
+			if st.Mode != qmp.ColoModeSecondary {
+				return fmt.Errorf("secondary reports COLO mode %q", st.Mode)
+			}
+			return nil
+		}},
+	)
+	return Sequence{Name: name, Steps: steps, Finally: func() {
+		if migSub != nil {
+			migSub.Close()
+		}
+		if jobSub != nil {
+			jobSub.Close()
+		}
+		if migFile != nil {
+			migFile.Close() // QEMU holds its own copy
+		}
+	}}
+}
+
+// waitMigration waits for a MIGRATION event with the wanted status; failed or cancelled end it.
+func waitMigration(ctx context.Context, sub *qmp.Subscription, want qmp.MigrationStatus) error {
+	for {
+		ev, err := sub.Next(ctx)
+		if err != nil {
+			return fmt.Errorf("waiting for migration status %s: %w", want, err)
+		}
+		var d qmp.MigrationEventData
+		if err := ev.DecodeData(&d); err != nil {
+			return err
+		}
+		switch d.Status {
+		case want:
+			return nil
+		case qmp.MigrationFailed, qmp.MigrationCancelled:
+			return fmt.Errorf("migration %s while waiting for %s", d.Status, want)
+		}
+	}
+}
+
+// waitJob waits for a JOB_STATUS_CHANGE of job to status.
+func waitJob(ctx context.Context, sub *qmp.Subscription, job, status string) error {
+	for {
+		ev, err := sub.Next(ctx)
+		if err != nil {
+			return fmt.Errorf("waiting for job %s to become %s: %w", job, status, err)
+		}
+		var d qmp.JobStatusChangeData
+		if err := ev.DecodeData(&d); err != nil {
+			return err
+		}
+		if d.ID != job {
+			continue
+		}
+		if d.Status == status {
+			return nil
+		}
+		if d.Status == "aborting" {
+			return fmt.Errorf("job %s aborted", job)
+		}
+	}
+}
+
+// waitResync waits for the mirror job to be ready, reporting progress from query-block-jobs.
+func waitResync(ctx context.Context, p *qmp.Client, sub *qmp.Subscription, job string, progress ResyncProgress) error {
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	report := func() error {
+		jobs, err := p.QueryBlockJobs(ctx)
+		if err != nil {
+			return err
+		}
+		for _, j := range jobs {
+			if j.Device == job {
+				if j.Error != "" {
+					return fmt.Errorf("resync job %s: %s", job, j.Error)
+				}
+				if progress != nil {
+					progress(j.Offset, j.Len)
+				}
+			}
+		}
+		return nil
+	}
+	for {
+		select {
+		case <-sub.Ready():
+			for {
+				ev, ok, err := sub.TryNext()
+				if err != nil {
+					return err
+				}
+				if !ok {
+					break
+				}
+				var d qmp.JobStatusChangeData
+				if err := ev.DecodeData(&d); err != nil {
+					return err
+				}
+				if d.ID != job {
+					continue
+				}
+				switch d.Status {
+				case "ready":
+					return report()
+				case "aborting", "concluded":
+					return fmt.Errorf("resync job %s ended (%s) before it was ready", job, d.Status)
+				}
+			}
+		case <-tick.C:
+			if err := report(); err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// ignoreMissing treats "not found" answers as success, so that a failover sequence can be run
+// again after a partial failure.
+func ignoreMissing(err error) error {
+	var qe *qmp.Error
+	if errors.As(err, &qe) && (qe.Class == "DeviceNotFound" || containsAny(qe.Desc, "not found", "No such", "does not exist", "Cannot find")) {
+		return nil
+	}
+	return err
+}
+
+func containsAny(s string, subs ...string) bool {
+	for _, x := range subs {
+		if strings.Contains(s, x) {
+			return true
+		}
+	}
+	return false
+}
+
+// FailoverAsPrimary makes a primary whose secondary died run on alone: the replica leaves the
+// quorum, the COLO objects and channels go, and COLO ends.
+func FailoverAsPrimary(p *qmp.Client, g Generation) Sequence {
+	steps := []Step{
+		{Name: "primary: x-blockdev-change del " + QuorumChild1, Run: func(ctx context.Context) error {
+			return ignoreMissing(p.XBlockdevChangeDel(ctx, QuorumNode, QuorumChild1))
+		}},
+		{Name: "primary: blockdev-del " + g.NBDNode(), Run: func(ctx context.Context) error {
+			return ignoreMissing(p.BlockdevDel(ctx, g.NBDNode()))
+		}},
+	}
+	for _, id := range []string{objCompare, objIOThread, objMirror, objRedirIn, objRedirOut} {
+		id := id
+		steps = append(steps, Step{Name: "primary: object-del " + id, Run: func(ctx context.Context) error {
+			return ignoreMissing(p.ObjectDel(ctx, id))
+		}})
+	}
+	steps = append(steps, Step{Name: "primary: x-colo-lost-heartbeat", Run: func(ctx context.Context) error {
+		return p.XColoLostHeartbeat(ctx)
+	}})
+	for _, id := range []string{chCompareIn0, chCompareIn, chCompareOut0, chCompareOut, chMirror, chCompare} {
+		id := id
+		steps = append(steps, Step{Name: "primary: chardev-remove " + id, Run: func(ctx context.Context) error {
+			return ignoreMissing(p.ChardevRemove(ctx, id))
+		}})
+	}
+	return Sequence{Name: "failover-as-primary", Steps: steps}
+}
+
+// FailoverAsSecondary makes a secondary whose primary died (or hangs) take over: its NBD export
+// stops, COLO ends, and its network filters go so that its guest talks to the network directly.
+// With yank, the migration and the channels to the primary are cut first (out of band), which a
+// hung primary needs.
+func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
+	var steps []Step
+	if yank {
+		steps = append(steps, Step{Name: "secondary: yank migration and channels", Run: func(ctx context.Context) error {
+			// Each instance separately: one that is gone must not stop the others.
+			for _, in := range []qmp.YankInstance{{Type: "migration"}, {Type: "chardev", ID: secRed0}, {Type: "chardev", ID: secRed1}} {
+				if err := s.Yank(ctx, in); err != nil && ctx.Err() != nil {
+					return err
+				}
+			}
+			return nil
+		}})
+	}
+	steps = append(steps,
+		Step{Name: "secondary: nbd-server-stop", Run: func(ctx context.Context) error {
+			return ignoreMissing(s.NBDServerStop(ctx))
+		}},
+		Step{Name: "secondary: x-colo-lost-heartbeat", Run: func(ctx context.Context) error {
+			return s.XColoLostHeartbeat(ctx)
+		}},
+	)
+	for _, id := range []string{secF2, secF1} {
+		id := id
+		steps = append(steps, Step{Name: "secondary: object-del " + id, Run: func(ctx context.Context) error {
+			return ignoreMissing(s.ObjectDel(ctx, id))
+		}})
+	}
+	for _, id := range []string{secRed1, secRed0} {
+		id := id
+		steps = append(steps, Step{Name: "secondary: chardev-remove " + id, Run: func(ctx context.Context) error {
+			return ignoreMissing(s.ChardevRemove(ctx, id))
+		}})
+	}
+	return Sequence{Name: "failover-as-secondary", Steps: steps}
+}

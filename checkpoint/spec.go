@@ -1,0 +1,315 @@
+// Package checkpoint holds the COLO mechanics of one protected VM: the QEMU command lines of a
+// primary and a secondary, the named QMP step sequences that start protection, fail over either
+// side and re-protect, the checkpoint observer, and the failure signals a pair's QEMUs raise.
+package checkpoint
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+)
+
+// Spec describes a protected VM: what both of its QEMUs share.
+type Spec struct {
+	// Name identifies the pair; letters, digits, '-' and '_'.
+	Name string
+	// MemoryMiB is the guest's memory. The secondary needs about twice this on its host.
+	MemoryMiB int
+	VCPUs     int
+	// Machine is the QEMU machine type. Only "pc": q35 crashes the secondary at the first
+	// checkpoint on QEMU 7.2.
+	Machine string
+	// Accel is "kvm", "tcg" or "auto" (kvm when /dev/kvm opens, else tcg).
+	Accel string
+	// Kernel, Initrd and Append boot a kernel directly (the test guest); empty to boot the disk.
+	Kernel, Initrd, Append string
+	// DiskSize is the virtual size in bytes of every image of the pair (equal sizes are
+	// required by the replication driver).
+	DiskSize int64
+	NIC      NIC
+	// QEMU is the command prefix that runs qemu-system-x86_64, e.g. ["qemu-system-x86_64"] or
+	// a launcher; QEMUImg likewise for qemu-img.
+	QEMU    []string
+	QEMUImg []string
+	// QEMUVersion is the major.minor of QEMU, which picks command-line forms that differ
+	// between releases (chardev reconnect vs reconnect-ms). Learn it with DetectVersion.
+	QEMUVersion Version
+	Tunables    Tunables
+}
+
+// Version is a QEMU major.minor version.
+type Version struct{ Major, Minor int }
+
+func (v Version) String() string { return fmt.Sprintf("%d.%d", v.Major, v.Minor) }
+
+// AtLeast reports whether v is major.minor or newer.
+func (v Version) AtLeast(major, minor int) bool {
+	return v.Major > major || (v.Major == major && v.Minor >= minor)
+}
+
+// NIC is the guest's network card and its host backend.
+type NIC struct {
+	// MAC is the same on both sides: after a failover the survivor keeps the guest's MAC.
+	MAC string
+	// Model is the NIC device, "e1000" by default.
+	Model string
+	// Backend is "tap", "bridge" or "socket" (socket: tests' single-machine hub).
+	Backend string
+	// Tap is the tap interface name (backend tap); Bridge the bridge name (backend bridge, via
+	// qemu-bridge-helper).
+	Tap, Bridge string
+}
+
+// Tunables are the COLO knobs; zero values take the defaults.
+type Tunables struct {
+	// CheckpointDelay is x-checkpoint-delay: the longest time between checkpoints.
+	CheckpointDelay time.Duration
+	// CompareTimeout is how long colo-compare holds a primary packet without a secondary twin.
+	CompareTimeout time.Duration
+	// MaxBandwidth caps the migration stream in bytes per second; 0 leaves QEMU's default.
+	MaxBandwidth uint64
+}
+
+// Defaults of the tunables.
+const (
+	DefaultCheckpointDelay = 200 * time.Millisecond
+	DefaultCompareTimeout  = 3000 * time.Millisecond
+)
+
+// Side is where one QEMU of the pair runs and keeps its files.
+type Side struct {
+	// Host is the address this side listens on for its peer (migration and NBD for a secondary;
+	// the mirror and compare channels for a primary).
+	Host string
+	// RunDir holds the QMP socket, the pid file and the logs of this side's QEMU.
+	RunDir string
+	// Disk is the VM's disk image on this side: the primary's image, or the secondary's replica
+	// (its "parent").
+	Disk string
+	// DiskFormat is the format of Disk, "raw" by default.
+	DiskFormat string
+	// Active and Hidden are the secondary's overlays (qcow2); created by PrepareSecondaryDisks.
+	Active, Hidden string
+	// NetSocket is the address of the test hub's port for this side (backend socket).
+	NetSocket string
+}
+
+// Ports are the TCP ports of one protection generation. Each re-protection takes new ones.
+type Ports struct {
+	// On the secondary's host.
+	Migration, NBD int
+	// On the primary's host: the secondary connects to Mirror and Compare; CompareIn and
+	// CompareOut are loopback channels inside the primary.
+	Mirror, Compare, CompareIn, CompareOut int
+}
+
+// List returns the ports in a fixed order.
+func (p Ports) List() []int {
+	return []int{p.Migration, p.NBD, p.Mirror, p.Compare, p.CompareIn, p.CompareOut}
+}
+
+// FieldError is a Spec validation failure naming the field.
+type FieldError struct {
+	Field  string
+	Reason string
+}
+
+func (e *FieldError) Error() string { return fmt.Sprintf("spec: %s: %s", e.Field, e.Reason) }
+
+// ErrInvalidSpec is wrapped by every validation error.
+var ErrInvalidSpec = errors.New("invalid spec")
+
+type fieldErrors []*FieldError
+
+func (fe fieldErrors) Error() string {
+	parts := make([]string, len(fe))
+	for i, e := range fe {
+		parts[i] = e.Error()
+	}
+	return strings.Join(parts, "; ")
+}
+
+func (fe fieldErrors) Unwrap() []error {
+	out := []error{ErrInvalidSpec}
+	for _, e := range fe {
+		out = append(out, e)
+	}
+	return out
+}
+
+var (
+	nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
+	macRE  = regexp.MustCompile(`^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$`)
+)
+
+// WithDefaults returns s with zero fields set to their defaults.
+func (s Spec) WithDefaults() Spec {
+	if s.MemoryMiB == 0 {
+		s.MemoryMiB = 512
+	}
+	if s.VCPUs == 0 {
+		s.VCPUs = 1
+	}
+	if s.Machine == "" {
+		s.Machine = "pc"
+	}
+	if s.Accel == "" {
+		s.Accel = "auto"
+	}
+	if s.NIC.Model == "" {
+		s.NIC.Model = "e1000"
+	}
+	if len(s.QEMU) == 0 {
+		s.QEMU = []string{"qemu-system-x86_64"}
+	}
+	if len(s.QEMUImg) == 0 {
+		s.QEMUImg = []string{"qemu-img"}
+	}
+	if s.Tunables.CheckpointDelay == 0 {
+		s.Tunables.CheckpointDelay = DefaultCheckpointDelay
+	}
+	if s.Tunables.CompareTimeout == 0 {
+		s.Tunables.CompareTimeout = DefaultCompareTimeout
+	}
+	return s
+}
+
+// Validate checks the spec (after defaults) and returns every problem, each naming its field.
+func (s Spec) Validate() error {
+	var errs fieldErrors
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, &FieldError{Field: field, Reason: fmt.Sprintf(format, a...)})
+	}
+	if !nameRE.MatchString(s.Name) {
+		bad("name", "%q: want 1-63 letters, digits, '-' or '_', starting with a letter or digit", s.Name)
+	}
+	if s.MemoryMiB < 64 || s.MemoryMiB > 1<<20 {
+		bad("memory", "%d MiB: want 64 MiB to 1 TiB", s.MemoryMiB)
+	}
+	if s.VCPUs < 1 || s.VCPUs > 255 {
+		bad("vcpus", "%d: want 1 to 255", s.VCPUs)
+	}
+	if s.Machine != "pc" {
+		bad("machine", "%q: only \"pc\" (q35 crashes the COLO secondary at its first checkpoint)", s.Machine)
+	}
+	switch s.Accel {
+	case "kvm", "tcg", "auto":
+	default:
+		bad("accel", "%q: want kvm, tcg or auto", s.Accel)
+	}
+	if s.Kernel == "" && (s.Initrd != "" || s.Append != "") {
+		bad("kernel", "initrd or append given without a kernel")
+	}
+	if s.DiskSize <= 0 || s.DiskSize%512 != 0 {
+		bad("disk_size", "%d: want a positive multiple of 512 bytes", s.DiskSize)
+	}
+	if !macRE.MatchString(s.NIC.MAC) {
+		bad("nic.mac", "%q: want six hex pairs separated by ':'", s.NIC.MAC)
+	}
+	switch s.NIC.Model {
+	case "e1000", "rtl8139", "virtio-net-pci":
+	default:
+		bad("nic.model", "%q: want e1000, rtl8139 or virtio-net-pci", s.NIC.Model)
+	}
+	switch s.NIC.Backend {
+	case "tap":
+		if s.NIC.Tap == "" {
+			bad("nic.tap", "backend tap needs an interface name")
+		}
+	case "bridge":
+		if s.NIC.Bridge == "" {
+			bad("nic.bridge", "backend bridge needs a bridge name")
+		}
+	case "socket":
+	default:
+		bad("nic.backend", "%q: want tap, bridge or socket", s.NIC.Backend)
+	}
+	if len(s.QEMU) == 0 || s.QEMU[0] == "" {
+		bad("qemu", "empty command")
+	}
+	if s.QEMUVersion.Major == 0 {
+		bad("qemu_version", "unknown: detect it with DetectVersion")
+	} else if !s.QEMUVersion.AtLeast(7, 2) {
+		bad("qemu_version", "%s: lockstep needs QEMU 7.2 or newer", s.QEMUVersion)
+	}
+	if d := s.Tunables.CheckpointDelay; d < 10*time.Millisecond || d > time.Hour {
+		bad("checkpoint_delay", "%v: want 10ms to 1h", d)
+	}
+	if d := s.Tunables.CompareTimeout; d < 10*time.Millisecond || d > time.Minute {
+		bad("compare_timeout", "%v: want 10ms to 1m", d)
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// ValidateSide checks one side's settings for a role.
+func (s Spec) ValidateSide(role Role, side Side) error {
+	var errs fieldErrors
+	bad := func(field, format string, a ...any) {
+		errs = append(errs, &FieldError{Field: string(role) + "." + field, Reason: fmt.Sprintf(format, a...)})
+	}
+	if net.ParseIP(side.Host) == nil {
+		bad("host", "%q is not an IP address", side.Host)
+	}
+	if side.RunDir == "" || !filepath.IsAbs(side.RunDir) {
+		bad("run_dir", "%q: want an absolute path", side.RunDir)
+	} else if len(filepath.Join(side.RunDir, "qmp.sock")) > 100 {
+		bad("run_dir", "%q is too long for a unix socket path", side.RunDir)
+	}
+	if side.Disk == "" {
+		bad("disk", "no disk image")
+	} else if st, err := os.Stat(side.Disk); err != nil {
+		bad("disk", "%v", err)
+	} else if side.DiskFormat == "" || side.DiskFormat == "raw" {
+		if st.Size() != s.DiskSize {
+			bad("disk", "%s is %d bytes, the spec says %d", side.Disk, st.Size(), s.DiskSize)
+		}
+	}
+	if role == RoleSecondary && (side.Active == "" || side.Hidden == "") {
+		bad("active", "a secondary needs active and hidden overlay paths")
+	}
+	if s.NIC.Backend == "socket" {
+		if _, _, err := net.SplitHostPort(side.NetSocket); err != nil {
+			bad("net_socket", "%q: %v", side.NetSocket, err)
+		}
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// ValidatePorts checks a generation's ports.
+func ValidatePorts(p Ports) error {
+	seen := map[int]bool{}
+	var errs fieldErrors
+	names := []string{"migration", "nbd", "mirror", "compare", "compare_in", "compare_out"}
+	for i, port := range p.List() {
+		if port < 1 || port > 65535 {
+			errs = append(errs, &FieldError{Field: "ports." + names[i], Reason: fmt.Sprintf("%d is not a TCP port", port)})
+		} else if seen[port] {
+			errs = append(errs, &FieldError{Field: "ports." + names[i], Reason: fmt.Sprintf("%d is used twice", port)})
+		}
+		seen[port] = true
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// Role is the COLO role of one QEMU.
+type Role string
+
+// Roles.
+const (
+	RolePrimary   Role = "primary"
+	RoleSecondary Role = "secondary"
+)

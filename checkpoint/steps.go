@@ -1,0 +1,115 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// Step is one named QMP action of a sequence, with its own deadline.
+type Step struct {
+	Name    string
+	Timeout time.Duration
+	Run     func(ctx context.Context) error
+}
+
+// Sequence is a named, ordered list of steps.
+type Sequence struct {
+	Name  string
+	Steps []Step
+	// Finally, when set, runs once after the steps, whatever their outcome.
+	Finally func()
+}
+
+// StepPhase says where a step is.
+type StepPhase string
+
+// Step phases reported to a Progress function.
+const (
+	StepStarted StepPhase = "started"
+	StepDone    StepPhase = "done"
+	StepFailed  StepPhase = "failed"
+)
+
+// StepEvent reports the progress of one step.
+type StepEvent struct {
+	Sequence string
+	Step     string
+	Index    int // 1-based
+	Total    int
+	Phase    StepPhase
+	Elapsed  time.Duration // of the step, for done and failed
+	Err      error
+}
+
+// Progress receives step events; it must not block.
+type Progress func(StepEvent)
+
+// StepError names the sequence and the step that failed, and wraps QEMU's answer.
+type StepError struct {
+	Sequence string
+	Step     string
+	Err      error
+}
+
+func (e *StepError) Error() string {
+	return fmt.Sprintf("%s: step %q: %v", e.Sequence, e.Step, e.Err)
+}
+
+func (e *StepError) Unwrap() error { return e.Err }
+
+// DefaultStepTimeout bounds a step that sets no timeout of its own.
+const DefaultStepTimeout = 5 * time.Second
+
+// Run executes the steps in order, logging each by name, and stops at the first failure. It
+// returns the total time taken.
+func (q Sequence) Run(ctx context.Context, log *slog.Logger, progress Progress) (time.Duration, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if progress == nil {
+		progress = func(StepEvent) {}
+	}
+	if q.Finally != nil {
+		defer q.Finally()
+	}
+	start := time.Now()
+	for i, st := range q.Steps {
+		ev := StepEvent{Sequence: q.Name, Step: st.Name, Index: i + 1, Total: len(q.Steps)}
+		ev.Phase = StepStarted
+		progress(ev)
+		timeout := st.Timeout
+		if timeout == 0 {
+			timeout = DefaultStepTimeout
+		}
+		sctx, cancel := context.WithTimeout(ctx, timeout)
+		t0 := time.Now()
+		err := st.Run(sctx)
+		cancel()
+		ev.Elapsed = time.Since(t0)
+		if err != nil {
+			if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+				err = fmt.Errorf("no answer within %v: %w", timeout, err)
+			}
+			ev.Phase, ev.Err = StepFailed, err
+			progress(ev)
+			log.Error("step failed", "sequence", q.Name, "step", st.Name, "n", i+1, "of", len(q.Steps), "elapsed", ev.Elapsed, "err", err)
+			return time.Since(start), &StepError{Sequence: q.Name, Step: st.Name, Err: err}
+		}
+		ev.Phase = StepDone
+		progress(ev)
+		log.Info("step done", "sequence", q.Name, "step", st.Name, "n", i+1, "of", len(q.Steps), "elapsed", ev.Elapsed)
+	}
+	return time.Since(start), nil
+}
+
+// StepNames lists the names of the steps, for status and tests.
+func (q Sequence) StepNames() []string {
+	out := make([]string, len(q.Steps))
+	for i, s := range q.Steps {
+		out[i] = s.Name
+	}
+	return out
+}

@@ -1,0 +1,191 @@
+package checkpoint
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/lockstepvm/lockstep/qmp"
+)
+
+// VM is one running QEMU of a pair, started by Launch. Its process is in its own process group;
+// the VM's owner stops it with Kill.
+type VM struct {
+	Role   Role
+	Side   Side
+	Cmd    *exec.Cmd
+	QMP    *qmp.Client
+	exited chan struct{}
+	err    error
+	log    *os.File
+}
+
+// PID returns the QEMU process id.
+func (v *VM) PID() int { return v.Cmd.Process.Pid }
+
+// Exited is closed when the QEMU process has exited.
+func (v *VM) Exited() <-chan struct{} { return v.exited }
+
+// ExitErr returns how the process ended; valid after Exited is closed.
+func (v *VM) ExitErr() error {
+	<-v.exited
+	return v.err
+}
+
+// Kill sends SIGKILL to QEMU (by its PID), waits for it and closes the QMP connection.
+func (v *VM) Kill() {
+	_ = v.Cmd.Process.Signal(syscall.SIGKILL)
+	<-v.exited
+	if v.QMP != nil {
+		v.QMP.Close()
+	}
+}
+
+// Signal sends sig to the QEMU process.
+func (v *VM) Signal(sig syscall.Signal) error { return v.Cmd.Process.Signal(sig) }
+
+// LogTail returns the end of QEMU's own log (stdout and stderr).
+func (v *VM) LogTail() string {
+	b, _ := os.ReadFile(filepath.Join(v.Side.RunDir, "qemu.log"))
+	if len(b) > 4096 {
+		b = b[len(b)-4096:]
+	}
+	return string(b)
+}
+
+// LaunchConfig is what Launch needs.
+type LaunchConfig struct {
+	Spec Spec
+	Role Role
+	Side Side
+	// For a secondary: where the primary listens and the generation's ports.
+	PrimaryHost string
+	Ports       Ports
+	Log         *slog.Logger
+	// StartTimeout bounds the wait for QEMU's QMP socket (default 30 s).
+	StartTimeout time.Duration
+}
+
+// Launch validates the configuration, prepares the side's files and starts QEMU. A bad
+// configuration returns an error naming the field, and no process is started.
+func Launch(ctx context.Context, c LaunchConfig) (*VM, error) {
+	s := c.Spec
+	if err := s.Validate(); err != nil {
+		return nil, err
+	}
+	if err := s.ValidateSide(c.Role, c.Side); err != nil {
+		return nil, err
+	}
+	if c.Role == RoleSecondary {
+		if err := ValidatePorts(c.Ports); err != nil {
+			return nil, err
+		}
+	}
+	if err := os.MkdirAll(c.Side.RunDir, 0o700); err != nil {
+		return nil, fmt.Errorf("run folder: %w", err)
+	}
+	var args []string
+	switch c.Role {
+	case RolePrimary:
+		args = PrimaryArgs(s, c.Side)
+	case RoleSecondary:
+		if err := PrepareSecondaryDisks(ctx, s, c.Side); err != nil {
+			return nil, err
+		}
+		args = SecondaryArgs(s, c.Side, c.PrimaryHost, c.Ports)
+	default:
+		return nil, fmt.Errorf("role %q: want primary or secondary", c.Role)
+	}
+	sock := QMPSocket(c.Side.RunDir)
+	_ = os.Remove(sock)
+	logf, err := os.OpenFile(filepath.Join(c.Side.RunDir, "qemu.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	full := append(append([]string(nil), s.QEMU[1:]...), args...)
+	cmd := exec.Command(s.QEMU[0], full...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		return nil, fmt.Errorf("starting QEMU (%s): %w", s.QEMU[0], err)
+	}
+	vm := &VM{Role: c.Role, Side: c.Side, Cmd: cmd, exited: make(chan struct{}), log: logf}
+	go func() { // owned by the VM: ends when the process does
+		vm.err = cmd.Wait()
+		logf.Close()
+		close(vm.exited)
+	}()
+	lg := c.Log
+	if lg == nil {
+		lg = slog.New(slog.DiscardHandler)
+	}
+	lg.Info("QEMU started", "pair", s.Name, "role", c.Role, "pid", cmd.Process.Pid)
+	timeout := c.StartTimeout
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			q, err := qmp.Dial(wctx, "unix", sock, qmp.WithLogger(lg.With("pair", s.Name, "role", c.Role)))
+			if err == nil {
+				vm.QMP = q
+				return vm, nil
+			}
+		}
+		select {
+		case <-vm.exited:
+			return nil, fmt.Errorf("QEMU %s exited at start (%v): %s", c.Role, vm.err, vm.LogTail())
+		case <-wctx.Done():
+			vm.Kill()
+			return nil, fmt.Errorf("QEMU %s: no QMP socket within %v: %s", c.Role, timeout, vm.LogTail())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// PrepareSecondaryDisks creates the secondary's active and hidden qcow2 overlays, of the spec's
+// disk size, replacing old ones (they hold no state worth keeping across generations).
+func PrepareSecondaryDisks(ctx context.Context, s Spec, side Side) error {
+	for _, path := range []string{side.Active, side.Hidden} {
+		_ = os.Remove(path)
+		args := append(append([]string(nil), s.QEMUImg[1:]...), "create", "-q", "-f", "qcow2", path, strconv.FormatInt(s.DiskSize, 10))
+		out, err := exec.CommandContext(ctx, s.QEMUImg[0], args...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("creating overlay %s: %v: %s", path, err, bytes.TrimSpace(out))
+		}
+	}
+	return nil
+}
+
+var versionRE = regexp.MustCompile(`version (\d+)\.(\d+)\.(\d+)`)
+
+// DetectVersion runs the QEMU command prefix with --version.
+func DetectVersion(ctx context.Context, qemu []string) (Version, error) {
+	if len(qemu) == 0 {
+		return Version{}, errors.New("empty QEMU command")
+	}
+	args := append(append([]string(nil), qemu[1:]...), "--version")
+	out, err := exec.CommandContext(ctx, qemu[0], args...).CombinedOutput()
+	if err != nil {
+		return Version{}, fmt.Errorf("%s --version: %v: %s", qemu[0], err, bytes.TrimSpace(out))
+	}
+	m := versionRE.FindSubmatch(out)
+	if m == nil {
+		return Version{}, fmt.Errorf("%s --version printed no version: %q", qemu[0], out)
+	}
+	maj, _ := strconv.Atoi(string(m[1]))
+	min, _ := strconv.Atoi(string(m[2]))
+	return Version{Major: maj, Minor: min}, nil
+}

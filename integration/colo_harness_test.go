@@ -1,0 +1,207 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lockstepvm/lockstep/checkpoint"
+	"github.com/lockstepvm/lockstep/integration/qemuenv"
+)
+
+const guestMAC = "52:54:00:12:34:56"
+
+// freePorts reserves n distinct loopback TCP ports. They are closed again before use; the window
+// in which another process could take one is short, and every port is this test's own.
+func freePorts(t testing.TB, n int) []int {
+	t.Helper()
+	var ls []net.Listener
+	var ports []int
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	for _, l := range ls {
+		l.Close()
+	}
+	return ports
+}
+
+func genPorts(p []int) checkpoint.Ports {
+	return checkpoint.Ports{Migration: p[0], NBD: p[1], Mirror: p[2], Compare: p[3], CompareIn: p[4], CompareOut: p[5]}
+}
+
+// hub is a QEMU "-M none" acting as the test LAN: a slirp user network that forwards a loopback
+// port to the guest's service, and one socket port per VM, all on one hub.
+type hub struct {
+	proc      *qemuenv.Process
+	ClientURL string   // 127.0.0.1:port forwarded to the guest's service
+	VMPorts   []string // 127.0.0.1:port for each VM's socket netdev
+}
+
+func startHub(t *testing.T, q *qemuenv.QEMU, dir string, nVM int, guestIP string, guestPort int) *hub {
+	t.Helper()
+	ports := freePorts(t, nVM+1)
+	args := []string{"-M", "none", "-nodefaults", "-display", "none",
+		"-netdev", fmt.Sprintf("user,id=u0,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:%d-%s:%d", ports[0], guestIP, guestPort),
+		"-netdev", "hubport,id=hu0,hubid=0,netdev=u0",
+	}
+	h := &hub{ClientURL: fmt.Sprintf("127.0.0.1:%d", ports[0])}
+	for i := 0; i < nVM; i++ {
+		args = append(args,
+			"-netdev", fmt.Sprintf("socket,id=s%d,listen=127.0.0.1:%d", i, ports[i+1]),
+			"-netdev", fmt.Sprintf("hubport,id=hs%d,hubid=0,netdev=s%d", i, i))
+		h.VMPorts = append(h.VMPorts, fmt.Sprintf("127.0.0.1:%d", ports[i+1]))
+	}
+	h.proc = qemuenv.Start(t, q, dir, args...)
+	return h
+}
+
+// testLogger writes slog records to the test log.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// pairEnv is one protected VM on this machine: a hub, a primary and a secondary, each with its
+// own folder and images.
+type pairEnv struct {
+	t       *testing.T
+	q       *qemuenv.QEMU
+	dir     string
+	spec    checkpoint.Spec
+	hub     *hub
+	log     *slog.Logger
+	mu      sync.Mutex
+	vms     []*checkpoint.VM
+	sideN   int
+	genN    int
+	ports   [][]int
+	nextHub int
+}
+
+func newPairEnv(t *testing.T, q *qemuenv.QEMU, kernel, initrd string, delay time.Duration, hubPorts int) *pairEnv {
+	dir := qemuenv.ShortTempDir(t)
+	e := &pairEnv{t: t, q: q, dir: dir, log: testLogger(t)}
+	ver, err := checkpoint.DetectVersion(context.Background(), []string{q.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := q.Img
+	if img == "" {
+		t.Fatalf("QEMU %s has no qemu-img", q.Name)
+	}
+	e.spec = checkpoint.Spec{
+		Name: "t", MemoryMiB: 128, VCPUs: 1, Machine: "pc", Accel: "tcg",
+		Kernel: kernel, Initrd: initrd,
+		Append:   "console=ttyS0 quiet lockstep.ip=10.0.2.15/24",
+		DiskSize: 64 << 20,
+		NIC:      checkpoint.NIC{MAC: guestMAC, Backend: "socket"},
+		QEMU:     []string{q.Path}, QEMUImg: []string{img}, QEMUVersion: ver,
+		Tunables: checkpoint.Tunables{CheckpointDelay: delay},
+	}.WithDefaults()
+	if kernel == "" {
+		e.spec.Append = ""
+	}
+	e.hub = startHub(t, q, dir, hubPorts, "10.0.2.15", 7777)
+	t.Cleanup(func() {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		for _, vm := range e.vms {
+			vm.Kill()
+		}
+	})
+	return e
+}
+
+// side makes a new side's folder and a zeroed disk image of the spec's size.
+func (e *pairEnv) side(hubPort int) checkpoint.Side {
+	e.sideN++
+	d := filepath.Join(e.dir, fmt.Sprintf("s%d", e.sideN))
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		e.t.Fatal(err)
+	}
+	disk := filepath.Join(d, "disk.raw")
+	f, err := os.Create(disk)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := f.Truncate(e.spec.DiskSize); err != nil {
+		e.t.Fatal(err)
+	}
+	f.Close()
+	return checkpoint.Side{
+		Host: "127.0.0.1", RunDir: d, Disk: disk,
+		Active: filepath.Join(d, "active.qcow2"), Hidden: filepath.Join(d, "hidden.qcow2"),
+		NetSocket: e.hub.VMPorts[hubPort],
+	}
+}
+
+func (e *pairEnv) launch(ctx context.Context, role checkpoint.Role, side checkpoint.Side, ports checkpoint.Ports) *checkpoint.VM {
+	e.t.Helper()
+	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{
+		Spec: e.spec, Role: role, Side: side, PrimaryHost: "127.0.0.1", Ports: ports, Log: e.log,
+	})
+	if err != nil {
+		e.t.Fatalf("launch %s: %v", role, err)
+	}
+	e.mu.Lock()
+	e.vms = append(e.vms, vm)
+	e.mu.Unlock()
+	return vm
+}
+
+// generation returns the next generation with fresh ports.
+func (e *pairEnv) generation() checkpoint.Generation {
+	e.genN++
+	return checkpoint.Generation{N: e.genN, Ports: genPorts(freePorts(e.t, 6)), PrimaryHost: "127.0.0.1", SecondaryHost: "127.0.0.1"}
+}
+
+// dialMigration opens the migration connection to the secondary for "migrate fd:" and keeps a
+// copy of the socket for the observer.
+func dialMigration(g checkpoint.Generation, keep func(*os.File)) func(ctx context.Context) (*os.File, error) {
+	return func(ctx context.Context) (*os.File, error) {
+		var d net.Dialer
+		var conn net.Conn
+		var err error
+		for i := 0; i < 50; i++ {
+			conn, err = d.DialContext(ctx, "tcp", fmt.Sprintf("%s:%d", g.SecondaryHost, g.Ports.Migration))
+			if err == nil {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err != nil {
+			return nil, err
+		}
+		f, err := conn.(*net.TCPConn).File()
+		conn.Close()
+		if err != nil {
+			return nil, err
+		}
+		if keep != nil {
+			dup, err := dupFile(f)
+			if err == nil {
+				keep(dup)
+			}
+		}
+		return f, nil
+	}
+}

@@ -116,7 +116,13 @@ type rawConn struct {
 	r  *bufio.Reader
 }
 
-func dialRaw(b *testing.B, path string) benchConn {
+func dialRaw(b *testing.B, path string) benchConn { return dialRawCaps(b, path, `{}`) }
+
+func dialRawOOB(b *testing.B, path string) benchConn {
+	return dialRawCaps(b, path, `{"enable":["oob"]}`)
+}
+
+func dialRawCaps(b *testing.B, path, caps string) benchConn {
 	b.Helper()
 	c, err := net.DialTimeout("unix", path, 10*time.Second)
 	if err != nil {
@@ -129,7 +135,7 @@ func dialRaw(b *testing.B, path string) benchConn {
 		err = fmt.Errorf("not a greeting: %q", greeting)
 	}
 	if err == nil {
-		_, err = c.Write([]byte(`{"execute":"qmp_capabilities"}` + "\n"))
+		_, err = c.Write([]byte(`{"execute":"qmp_capabilities","arguments":` + caps + "}\n"))
 	}
 	if err == nil {
 		err = rc.roundTripReply()
@@ -214,6 +220,8 @@ func BenchmarkRoundTrip(b *testing.B) {
 		{"goqemu", "goqemu", dialGoQEMU},
 		{"lockstep-typed", "lockstep", dialLockstepQueryStatus},
 		{"lockstep-nodeadline", "lockstep", dialLockstepNoDeadline},
+		{"raw-oob", "raw", dialRawOOB},
+		{"lockstep-nooob", "lockstep", dialLockstepNoOOB},
 	}
 	for _, impl := range impls {
 		b.Run(impl.name, func(b *testing.B) {
@@ -323,25 +331,30 @@ func runConcurrent(b *testing.B, n int, call func() error) {
 	}
 }
 
-// cpuMeter measures the CPU time (user and system, every thread) the test process spends, which
-// other load on the machine disturbs much less than wall time: it is what each implementation
-// itself costs per call, QEMU excluded.
-type cpuMeter struct{ start time.Duration }
-
-func processCPU() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+// cpuMeter measures what the test process itself spends per call, which other load on the
+// machine disturbs much less than wall time: CPU time (user and system, every thread) and
+// context switches (voluntary and involuntary: each is a thread that slept or was preempted).
+type cpuMeter struct {
+	cpu time.Duration
+	csw int64
 }
 
-func startCPU() cpuMeter { return cpuMeter{start: processCPU()} }
+func processUsage() cpuMeter {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return cpuMeter{}
+	}
+	return cpuMeter{cpu: time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), csw: ru.Nvcsw + ru.Nivcsw}
+}
 
-// report adds the CPU time per call as the metric cpu-ns/op.
+func startCPU() cpuMeter { return processUsage() }
+
+// report adds the metrics cpu-ns/op and csw/op.
 func (m cpuMeter) report(b *testing.B) {
 	if b.N > 0 {
-		b.ReportMetric(float64(processCPU()-m.start)/float64(b.N), "cpu-ns/op")
+		now := processUsage()
+		b.ReportMetric(float64(now.cpu-m.cpu)/float64(b.N), "cpu-ns/op")
+		b.ReportMetric(float64(now.csw-m.csw)/float64(b.N), "csw/op")
 	}
 }
 
@@ -354,5 +367,19 @@ func dialLockstepNoDeadline(b *testing.B, path string) benchConn {
 	return benchConn{
 		call:  func() error { return c.Execute(context.Background(), "query-status", nil, nil) },
 		close: func() { c.Close() },
+	}
+}
+
+func dialLockstepNoOOB(b *testing.B, path string) benchConn {
+	b.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), benchLimit)
+	c, err := qmp.Dial(ctx, "unix", path, qmp.WithoutOOB())
+	if err != nil {
+		cancel()
+		b.Fatal(err)
+	}
+	return benchConn{
+		call:  func() error { return c.Execute(ctx, "query-status", nil, nil) },
+		close: func() { c.Close(); cancel() },
 	}
 }

@@ -351,7 +351,9 @@ func TestProtectStopsAtRefusedStep(t *testing.T) {
 	schema := `[{"name":"query-migrate-capabilities","meta-type":"command","arg-type":"9"},{"name":"blockdev-add","meta-type":"command","arg-type":"0"},{"name":"0","meta-type":"object","members":[],"variants":[{"case":"nbd","type":"1"}]}]`
 	for _, srv := range []*qmptest.Server{prim, sec} {
 		srv.Handle("query-version", qmptest.Return(map[string]any{"qemu": map[string]int{"major": 11, "minor": 1, "micro": 3}}))
-		srv.Handle("query-qmp-schema", func(c *qmptest.Conn, r *qmptest.Request) { c.Send(`{"return": ` + schema + `, "id": ` + string(r.ID) + `}`) })
+		srv.Handle("query-qmp-schema", func(c *qmptest.Conn, r *qmptest.Request) {
+			c.Send(`{"return": ` + schema + `, "id": ` + string(r.ID) + `}`)
+		})
 		srv.Handle("query-migrate-capabilities", qmptest.Return([]qmp.MigrationCapability{{Capability: "x-colo"}, {Capability: "return-path"}, {Capability: "events"}, {Capability: "pause-before-switchover"}}))
 		srv.Handle("migrate-set-capabilities", qmptest.Return(struct{}{}))
 	}

@@ -12,9 +12,9 @@ import (
 const (
 	NetdevID      = "hn0"
 	QuorumNode    = "colo-disk0"
-	ReplicaNode   = "parent0"  // secondary: the replica exported over NBD
-	ReplicationID = "childs0"  // secondary: the replication driver node
-	SinkChardev   = "sink0"    // secondary: where the hub's direct copies of input go (socket backend)
+	ReplicaNode   = "parent0" // secondary: the replica exported over NBD
+	ReplicationID = "childs0" // secondary: the replication driver node
+	SinkChardev   = "sink0"   // secondary: where the hub's direct copies of input go (socket backend)
 	QuorumChild1  = "children.1"
 	chMirror      = "mirror0"
 	chCompare     = "compare1"

@@ -109,7 +109,8 @@ func PrimaryArgs(s Spec, side Side) []string {
 }
 
 // SecondaryArgs returns the arguments of a secondary that waits for the primary on
-// side.Host:ports.Migration. primaryHost is where the primary listens for the mirror and compare
+// side.Host:ports.Migration, or for a migration connection passed to it later when
+// ports.Migration is 0. primaryHost is where the primary listens for the mirror and compare
 // channels of this generation.
 func SecondaryArgs(s Spec, side Side, primaryHost string, ports Ports) []string {
 	args := commonArgs(s, RoleSecondary, side)
@@ -129,14 +130,24 @@ func SecondaryArgs(s Spec, side Side, primaryHost string, ports Ports) []string 
 		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed1, primaryHost, ports.Compare, reconnect),
 		"-object", f1,
 		"-object", fmt.Sprintf("filter-redirector,id=%s,netdev=%s,queue=rx,outdev=%s", secF2, NetdevID, secRed1),
-		"-object", fmt.Sprintf("filter-rewriter,id=%s,netdev=%s,queue=all", secRewriter, NetdevID),
+	)
+	if !s.Tunables.NoRewriter {
+		args = append(args, "-object", fmt.Sprintf("filter-rewriter,id=%s,netdev=%s,queue=all", secRewriter, NetdevID))
+	}
+	args = append(args,
 		"-drive", fmt.Sprintf("if=none,id=%s,file.filename=%s,driver=%s", ReplicaNode, escapeOpt(side.Disk), diskFormat(side)),
 		"-drive", fmt.Sprintf("if=none,id=%s,driver=replication,mode=secondary,file.driver=qcow2,top-id=%s,"+
 			"file.file.filename=%s,file.backing.driver=qcow2,file.backing.file.filename=%s,file.backing.backing=%s",
 			ReplicationID, QuorumNode, escapeOpt(side.Active), escapeOpt(side.Hidden), ReplicaNode),
 		"-drive", fmt.Sprintf("if=ide,id=%s,driver=quorum,read-pattern=fifo,vote-threshold=1,children.0=%s", QuorumNode, ReplicationID),
-		"-incoming", fmt.Sprintf("tcp:%s:%d", side.Host, ports.Migration),
 	)
+	if ports.Migration == 0 {
+		// The agent accepts the migration connection itself and hands it over with
+		// migrate-incoming fd: (see ProtectConfig.AcceptMigration).
+		args = append(args, "-incoming", "defer")
+	} else {
+		args = append(args, "-incoming", fmt.Sprintf("tcp:%s:%d", side.Host, ports.Migration))
+	}
 	return args
 }
 

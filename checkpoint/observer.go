@@ -67,6 +67,16 @@ func (o *Observer) SetMigrationSocket(f *os.File) {
 	o.lastAcked = o.ackedLocked()
 }
 
+// Reset clears the statistics (not the COLO state or the socket), to measure a new window.
+func (o *Observer) Reset() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.count, o.early, o.next = 0, 0, 0
+	o.pauses, o.times = nil, nil
+	o.bytesSum, o.bytesLast = 0, 0
+	o.lastStop = time.Time{}
+}
+
 // Close releases the migration socket copy.
 func (o *Observer) Close() {
 	o.SetMigrationSocket(nil)

@@ -43,6 +43,12 @@ type ProtectConfig struct {
 	// passed to QEMU with getfd and used with "migrate fd:", so the caller keeps a copy to read
 	// TCP_INFO (bytes per checkpoint). When nil, QEMU dials "tcp:" itself.
 	DialMigration func(ctx context.Context) (*os.File, error)
+	// AcceptMigration, when set, returns the secondary's end of the connection that
+	// DialMigration opened; it is handed to the secondary (started with Ports.Migration 0, so
+	// "-incoming defer") with getfd and "migrate-incoming fd:". Opening both ends in Go gives
+	// both TCP_NODELAY: QEMU's own migration sockets leave Nagle on, and the secondary's small
+	// COLO replies then wait for the primary's delayed ACK at every checkpoint.
+	AcceptMigration func(ctx context.Context) (*os.File, error)
 	OnResync      ResyncProgress
 	// ResyncTimeout bounds the disk resync (default 10 minutes).
 	ResyncTimeout time.Duration
@@ -63,10 +69,11 @@ func StartProtection(c ProtectConfig) Sequence { return protect("start-protectio
 // its time as a secondary).
 //
 // Why rew0 goes (measured on QEMU 11.1.3): kept on a primary, it re-queues every packet of the
-// connections it tracks and cannot deliver those that arrive while the VM is paused for a
-// checkpoint, so every connection older than the failover lost packets at each checkpoint:
-// pings on such a connection took 368 ms on average (1.9 s at worst) instead of 21-30 ms, with a
-// mismatch on four pings in ten. Without it those connections run as fast as new ones. The cost:
+// connections it tracks, and those arriving while the VM is paused for a checkpoint wait in its
+// queue until a later packet flushes them, out of order. Every connection older than the
+// failover then stalls around checkpoints: 50 pings on such a connection took 52 ms on average
+// and 1.85 s at worst with rew0 kept, 17.5 ms and 80 ms with it removed (a new connection: 17 ms
+// and 50 ms either way). The cost:
 // a connection opened after the last checkpoint before the failover (the only kind whose
 // sequence numbers rew0 still rewrites) breaks at re-protection instead of at the next failover.
 func Reprotect(c ProtectConfig) Sequence {
@@ -210,6 +217,9 @@ func protect(name string, c ProtectConfig) Sequence {
 		}},
 		Step{Name: "primary: migrate", Timeout: 10 * time.Second, Run: func(ctx context.Context) error {
 			if c.DialMigration == nil {
+				if g.Ports.Migration == 0 {
+					return errors.New("no migration port and no DialMigration: nothing connects the primary to the secondary")
+				}
 				return p.Migrate(ctx, fmt.Sprintf("tcp:%s:%d", g.SecondaryHost, g.Ports.Migration))
 			}
 			f, err := c.DialMigration(ctx)
@@ -220,7 +230,24 @@ func protect(name string, c ProtectConfig) Sequence {
 			if err := p.GetFD(ctx, g.MigrationFD(), f); err != nil {
 				return err
 			}
-			return p.Migrate(ctx, "fd:"+g.MigrationFD())
+			if err := p.Migrate(ctx, "fd:"+g.MigrationFD()); err != nil {
+				return err
+			}
+			if c.AcceptMigration == nil {
+				return nil
+			}
+			in, err := c.AcceptMigration(ctx)
+			if err != nil {
+				return fmt.Errorf("accepting the migration connection: %w", err)
+			}
+			defer in.Close() // QEMU holds its own copy
+			if err := s.GetFD(ctx, g.MigrationFD(), in); err != nil {
+				return fmt.Errorf("secondary: %w", err)
+			}
+			if err := s.MigrateIncoming(ctx, "fd:"+g.MigrationFD()); err != nil {
+				return fmt.Errorf("secondary: %w", err)
+			}
+			return nil
 		}},
 		Step{Name: "primary: wait pre-switchover", Timeout: 5 * time.Minute, Run: func(ctx context.Context) error {
 			return waitMigration(ctx, migSub, qmp.MigrationPreSwitchover)

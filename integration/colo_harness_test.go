@@ -50,7 +50,7 @@ type hub struct {
 	VMPorts   []string // 127.0.0.1:port for each VM's socket netdev
 }
 
-func startHub(t *testing.T, q *qemuenv.QEMU, dir string, nVM int, guestIP string, guestPort int) *hub {
+func startHub(t testing.TB, q *qemuenv.QEMU, dir string, nVM int, guestIP string, guestPort int) *hub {
 	t.Helper()
 	ports := freePorts(t, nVM+1)
 	args := []string{"-M", "none", "-nodefaults", "-display", "none",
@@ -69,11 +69,11 @@ func startHub(t *testing.T, q *qemuenv.QEMU, dir string, nVM int, guestIP string
 }
 
 // testLogger writes slog records to the test log.
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
@@ -83,7 +83,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // pairEnv is one protected VM on this machine: a hub, a primary and a secondary, each with its
 // own folder and images.
 type pairEnv struct {
-	t       *testing.T
+	t       testing.TB
 	q       *qemuenv.QEMU
 	dir     string
 	spec    checkpoint.Spec
@@ -95,9 +95,10 @@ type pairEnv struct {
 	genN    int
 	ports   [][]int
 	nextHub int
+	ovDir   string
 }
 
-func newPairEnv(t *testing.T, q *qemuenv.QEMU, kernel, initrd string, delay time.Duration, hubPorts int) *pairEnv {
+func newPairEnv(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay time.Duration, hubPorts int) *pairEnv {
 	dir := qemuenv.ShortTempDir(t)
 	e := &pairEnv{t: t, q: q, dir: dir, log: testLogger(t)}
 	ver, err := checkpoint.DetectVersion(context.Background(), []string{q.Path})
@@ -147,11 +148,28 @@ func (e *pairEnv) side(hubPort int) checkpoint.Side {
 		e.t.Fatal(err)
 	}
 	f.Close()
+	// The secondary's overlays are emptied at every checkpoint: keep them in memory (tmpfs), as
+	// QEMU's COLO documentation does, or each checkpoint waits for the disk.
+	ov := e.overlayDir()
 	return checkpoint.Side{
 		Host: "127.0.0.1", RunDir: d, Disk: disk,
-		Active: filepath.Join(d, "active.qcow2"), Hidden: filepath.Join(d, "hidden.qcow2"),
+		Active: filepath.Join(ov, fmt.Sprintf("active%d.qcow2", e.sideN)), Hidden: filepath.Join(ov, fmt.Sprintf("hidden%d.qcow2", e.sideN)),
 		NetSocket: e.hub.VMPorts[hubPort],
 	}
+}
+
+// overlayDir returns a folder on tmpfs for the secondaries' overlays (the test's own, removed
+// when it ends), or the test folder when /dev/shm is missing.
+func (e *pairEnv) overlayDir() string {
+	if e.ovDir != "" {
+		return e.ovDir
+	}
+	e.ovDir = e.dir
+	if d, err := os.MkdirTemp("/dev/shm", "lsov"); err == nil {
+		e.ovDir = d
+		e.t.Cleanup(func() { os.RemoveAll(d) })
+	}
+	return e.ovDir
 }
 
 func (e *pairEnv) launch(ctx context.Context, role checkpoint.Role, side checkpoint.Side, ports checkpoint.Ports) *checkpoint.VM {
@@ -171,37 +189,64 @@ func (e *pairEnv) launch(ctx context.Context, role checkpoint.Role, side checkpo
 // generation returns the next generation with fresh ports.
 func (e *pairEnv) generation() checkpoint.Generation {
 	e.genN++
-	return checkpoint.Generation{N: e.genN, Ports: genPorts(freePorts(e.t, 6)), PrimaryHost: "127.0.0.1", SecondaryHost: "127.0.0.1"}
+	ports := genPorts(freePorts(e.t, 6))
+	ports.Migration = 0 // handed over through a migrationLink
+	return checkpoint.Generation{N: e.genN, Ports: ports, PrimaryHost: "127.0.0.1", SecondaryHost: "127.0.0.1"}
 }
 
-// dialMigration opens the migration connection to the secondary for "migrate fd:" and keeps a
-// copy of the socket for the observer.
-func dialMigration(g checkpoint.Generation, keep func(*os.File)) func(ctx context.Context) (*os.File, error) {
+// migrationLink opens the migration connection in the test process: a loopback listener,
+// DialMigration dials it (and keeps a copy of the primary's end for the observer's TCP_INFO),
+// AcceptMigration returns the secondary's end. Both ends have TCP_NODELAY (Go's default).
+type migrationLink struct {
+	ln net.Listener
+}
+
+func newMigrationLink(t testing.TB) *migrationLink {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return &migrationLink{ln: ln}
+}
+
+func (m *migrationLink) dial(keep func(*os.File)) func(ctx context.Context) (*os.File, error) {
 	return func(ctx context.Context) (*os.File, error) {
 		var d net.Dialer
-		var conn net.Conn
-		var err error
-		for i := 0; i < 50; i++ {
-			conn, err = d.DialContext(ctx, "tcp", fmt.Sprintf("%s:%d", g.SecondaryHost, g.Ports.Migration))
-			if err == nil {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		conn, err := d.DialContext(ctx, "tcp", m.ln.Addr().String())
 		if err != nil {
 			return nil, err
 		}
+		defer conn.Close()
 		f, err := conn.(*net.TCPConn).File()
-		conn.Close()
 		if err != nil {
 			return nil, err
 		}
 		if keep != nil {
-			dup, err := dupFile(f)
-			if err == nil {
+			if dup, err := dupFile(f); err == nil {
 				keep(dup)
 			}
 		}
 		return f, nil
+	}
+}
+
+func (m *migrationLink) accept(ctx context.Context) (*os.File, error) {
+	type res struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() { c, err := m.ln.Accept(); ch <- res{c, err} }()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, r.err
+		}
+		defer r.c.Close()
+		return r.c.(*net.TCPConn).File()
+	case <-ctx.Done():
+		m.ln.Close() // ends the Accept
+		return nil, ctx.Err()
 	}
 }

@@ -21,16 +21,19 @@ func TestColoSmokeNoGuest(t *testing.T) {
 	g := e.generation()
 	s := e.launch(ctx, checkpoint.RoleSecondary, e.side(1), g.Ports)
 	obs := checkpoint.NewObserver(e.spec.Tunables.CheckpointDelay)
+	link := newMigrationLink(t)
 	sub := p.QMP.Subscribe(checkpoint.ObserverEvents...)
 	octx, ocancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { defer close(done); obs.Run(octx, sub) }()
 	defer func() { ocancel(); <-done; sub.Close(); obs.Close() }()
-	seq := checkpoint.StartProtection(checkpoint.ProtectConfig{
+	cfg := checkpoint.ProtectConfig{
 		Spec: e.spec, Gen: g, Primary: p.QMP, Secondary: s.QMP,
-		DialMigration: dialMigration(g, obs.SetMigrationSocket),
-		OnResync:      func(off, l int64) { t.Logf("resync %d/%d", off, l) },
-	})
+		DialMigration:   link.dial(obs.SetMigrationSocket),
+		AcceptMigration: link.accept,
+		OnResync:        func(off, l int64) { t.Logf("resync %d/%d", off, l) },
+	}
+	seq := checkpoint.StartProtection(cfg)
 	took, err := seq.Run(ctx, e.log, nil)
 	if err != nil {
 		t.Fatalf("%v\nprimary log: %s\nsecondary log: %s", err, p.LogTail(), s.LogTail())

@@ -45,7 +45,7 @@ type writer struct {
 	err     error
 }
 
-func startWriter(t *testing.T, addr string, interval time.Duration) *writer {
+func startWriter(t testing.TB, addr string, interval time.Duration) *writer {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -84,10 +84,12 @@ func (w *writer) run() {
 			w.maxWait = d
 		}
 		w.mu.Unlock()
-		select {
-		case <-w.stop:
-			return
-		case <-time.After(w.interval):
+		if w.interval > 0 {
+			select {
+			case <-w.stop:
+				return
+			case <-time.After(w.interval):
+			}
 		}
 	}
 }
@@ -123,7 +125,7 @@ func (w *writer) firstAckAfter(t time.Time) (time.Time, bool) {
 	return time.Time{}, false
 }
 
-func (w *writer) waitAcked(t *testing.T, n uint64, within time.Duration) {
+func (w *writer) waitAcked(t testing.TB, n uint64, within time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for w.Acked() < n {
@@ -142,7 +144,7 @@ func (w *writer) waitAcked(t *testing.T, n uint64, within time.Duration) {
 
 // verify stops the writer and checks on the same connection that every acknowledged record is
 // in the guest's memory and on its disk.
-func (w *writer) verify(t *testing.T) uint64 {
+func (w *writer) verify(t testing.TB) uint64 {
 	t.Helper()
 	acked, err := w.Stop()
 	if err != nil {
@@ -190,6 +192,7 @@ func (e *pairEnv) protect(ctx context.Context, primary *checkpoint.VM, hubPort i
 	g := e.generation()
 	sec := e.launch(ctx, checkpoint.RoleSecondary, e.side(hubPort), g.Ports)
 	obs := checkpoint.NewObserver(e.spec.Tunables.CheckpointDelay)
+	link := newMigrationLink(e.t)
 	sub := primary.QMP.Subscribe(checkpoint.ObserverEvents...)
 	octx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -200,8 +203,9 @@ func (e *pairEnv) protect(ctx context.Context, primary *checkpoint.VM, hubPort i
 	var resyncSeen int64
 	cfg := checkpoint.ProtectConfig{
 		Spec: e.spec, Gen: g, Primary: primary.QMP, Secondary: sec.QMP,
-		DialMigration: dialMigration(g, obs.SetMigrationSocket),
-		OnResync:      func(off, l int64) { resyncSeen = l },
+		DialMigration:   link.dial(obs.SetMigrationSocket),
+		AcceptMigration: link.accept,
+		OnResync:        func(off, l int64) { resyncSeen = l },
 	}
 	seq := checkpoint.StartProtection(cfg)
 	if reprotect {
@@ -220,7 +224,7 @@ func (e *pairEnv) protect(ctx context.Context, primary *checkpoint.VM, hubPort i
 }
 
 // waitCheckpoints waits until n checkpoints were observed.
-func (p *pair) waitCheckpoints(t *testing.T, n uint64, within time.Duration) checkpoint.Stats {
+func (p *pair) waitCheckpoints(t testing.TB, n uint64, within time.Duration) checkpoint.Stats {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
@@ -236,7 +240,7 @@ func (p *pair) waitCheckpoints(t *testing.T, n uint64, within time.Duration) che
 }
 
 // watchFor waits for a failure signal of kind from vm.
-func watchFor(t *testing.T, vm *checkpoint.VM, cfg checkpoint.WatchConfig, kinds ...checkpoint.SignalKind) <-chan checkpoint.Signal {
+func watchFor(t testing.TB, vm *checkpoint.VM, cfg checkpoint.WatchConfig, kinds ...checkpoint.SignalKind) <-chan checkpoint.Signal {
 	ctx, cancel := context.WithCancel(context.Background())
 	sigs := make(chan checkpoint.Signal, 16)
 	out := make(chan checkpoint.Signal, 1)
@@ -264,7 +268,7 @@ func watchFor(t *testing.T, vm *checkpoint.VM, cfg checkpoint.WatchConfig, kinds
 	return out
 }
 
-func awaitSignal(t *testing.T, ch <-chan checkpoint.Signal, within time.Duration) checkpoint.Signal {
+func awaitSignal(t testing.TB, ch <-chan checkpoint.Signal, within time.Duration) checkpoint.Signal {
 	t.Helper()
 	select {
 	case s := <-ch:
@@ -275,7 +279,7 @@ func awaitSignal(t *testing.T, ch <-chan checkpoint.Signal, within time.Duration
 	return checkpoint.Signal{}
 }
 
-func failoverReport(t *testing.T, what string, w *writer, kill, detected time.Time, seq time.Duration) {
+func failoverReport(t testing.TB, what string, w *writer, kill, detected time.Time, seq time.Duration) {
 	first, ok := w.firstAckAfter(kill)
 	if !ok {
 		t.Fatalf("%s: no reply after the kill", what)

@@ -36,6 +36,17 @@ while read -r group; do
 		for mod in $group; do
 			insmod "/lib/modules/$mod" || echo "lockstep-guest: insmod $mod failed"
 		done
+		# Bring the NIC up once its link has had time to come up, while the
+		# disk is still being probed. The e1000 driver's probe restarts
+		# autonegotiation, which QEMU completes 500 ms later; an interface
+		# brought up before that notices the link only at the driver's next
+		# 2 s watchdog run (the link-change interrupt cannot advance a
+		# watchdog already scheduled), so waiting a little saves seconds.
+		# (QEMU's e1000 option autonegotiation=off has the link up at once.)
+		if [ -e /sys/class/net/eth0 ]; then
+			sleep 0.6
+			ip link set eth0 up
+		fi
 	) &
 done </lib/modules/load-order
 wait
@@ -45,6 +56,9 @@ ip link set lo up
 ip link set eth0 up
 ip addr add "$IP" dev eth0
 ip route add default via "$GW" dev eth0 || echo "lockstep-guest: no route via $GW"
+# Announce our address (gratuitous ARP): QEMU's user network then knows our
+# MAC and forwards the first connection at once, without resolving it first.
+arping -q -U -c 1 -I eth0 "${IP%/*}" &
 echo "lockstep-guest: network eth0 $IP gw $GW"
 
 # Respawn the workload: a test may kill it on purpose, and PID 1 must never

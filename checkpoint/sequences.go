@@ -49,7 +49,7 @@ type ProtectConfig struct {
 	// both TCP_NODELAY: QEMU's own migration sockets leave Nagle on, and the secondary's small
 	// COLO replies then wait for the primary's delayed ACK at every checkpoint.
 	AcceptMigration func(ctx context.Context) (*os.File, error)
-	OnResync      ResyncProgress
+	OnResync        ResyncProgress
 	// ResyncTimeout bounds the disk resync (default 10 minutes).
 	ResyncTimeout time.Duration
 }

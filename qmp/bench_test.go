@@ -77,6 +77,7 @@ func BenchmarkConcurrent8(b *testing.B) {
 	runImpls(b, []benchImpl{
 		{"raw-serial", "raw", dialRaw},
 		{"lockstep", "lockstep", dialLockstep},
+		{"lockstep-nooob", "lockstep", dialLockstepNoOOB},
 		{"goqemu", "goqemu", dialGoQEMU},
 	}, func(b *testing.B, call func() error) {
 		runConcurrent(b, benchCallers, call)
@@ -232,19 +233,20 @@ func dialRawConn(b *testing.B, path string, id bool) benchConn {
 	}
 }
 
-// request returns the line for command: {"execute":"command"} or, with ids, the bytes this
-// client sends: {"execute":"command","id":"ls-N"}.
+// request returns the line for command: {"execute":"command"}\n or, with ids, the bytes this
+// client sends: {"execute":"command","id":N} (no newline).
 func (rc *rawConn) request(command string) []byte {
 	l := append(rc.line[:0], `{"execute":"`...)
 	l = append(l, command...)
 	l = append(l, '"')
 	if rc.id {
 		rc.n++
-		l = append(l, `,"id":"ls-`...)
+		l = append(l, `,"id":`...)
 		l = strconv.AppendUint(l, rc.n, 10)
-		l = append(l, '"')
+		l = append(l, '}')
+	} else {
+		l = append(l, "}\n"...)
 	}
-	l = append(l, "}\n"...)
 	rc.line = l
 	return l
 }
@@ -260,10 +262,18 @@ func (rc *rawConn) readReply() error {
 	return nil
 }
 
-func dialLockstep(b *testing.B, path string) benchConn {
+func dialLockstep(b *testing.B, path string) benchConn { return dialLockstepOpts(b, path) }
+
+// dialLockstepNoOOB declines out-of-band execution, as go-qemu does: QEMU then runs in-band
+// commands straight from the monitor instead of through its OOB dispatch queue.
+func dialLockstepNoOOB(b *testing.B, path string) benchConn {
+	return dialLockstepOpts(b, path, qmp.WithoutOOB(), qmp.WithMaxInflight(8))
+}
+
+func dialLockstepOpts(b *testing.B, path string, opts ...qmp.Option) benchConn {
 	b.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), benchLimit)
-	c, err := qmp.Dial(ctx, "unix", path)
+	c, err := qmp.Dial(ctx, "unix", path, opts...)
 	if err != nil {
 		cancel()
 		b.Fatal(err)

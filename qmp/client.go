@@ -348,11 +348,49 @@ func (c *Client) ExecuteWithFiles(ctx context.Context, command string, args, res
 	return c.execute(ctx, "execute", command, args, result, files)
 }
 
-type request struct {
-	Execute   string `json:"execute,omitempty"`
-	ExecOOB   string `json:"exec-oob,omitempty"`
-	Arguments any    `json:"arguments,omitempty"`
-	ID        string `json:"id"`
+// encodeRequest builds a command line by hand, as short as QMP allows: QEMU reads its monitor
+// input one byte per read, so each byte costs time on every call. The id is a bare number and no
+// newline follows (QEMU's JSON parser ends a request at its closing brace).
+func encodeRequest(verb, command string, args any, id uint64) ([]byte, error) {
+	line := make([]byte, 0, 48+len(command))
+	line = append(line, `{"`...)
+	line = append(line, verb...)
+	line = append(line, `":`...)
+	if plainName(command) {
+		line = append(line, '"')
+		line = append(line, command...)
+		line = append(line, '"')
+	} else {
+		q, err := json.Marshal(command)
+		if err != nil {
+			return nil, err
+		}
+		line = append(line, q...)
+	}
+	if args != nil {
+		a, err := json.Marshal(args)
+		if err != nil {
+			return nil, fmt.Errorf("encoding arguments: %w", err)
+		}
+		if string(a) != "null" {
+			line = append(line, `,"arguments":`...)
+			line = append(line, a...)
+		}
+	}
+	line = append(line, `,"id":`...)
+	line = strconv.AppendUint(line, id, 10)
+	line = append(line, '}')
+	return line, nil
+}
+
+func plainName(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return len(s) > 0
 }
 
 func (c *Client) execute(ctx context.Context, verb, command string, args, result any, files []*os.File) (err error) {
@@ -378,19 +416,12 @@ func (c *Client) execute(ctx context.Context, verb, command string, args, result
 		}
 	}
 
-	id := "ls-" + strconv.FormatUint(c.nextID.Add(1), 10)
-	req := request{Arguments: args, ID: id}
-	if verb == "exec-oob" {
-		req.ExecOOB = command
-	} else {
-		req.Execute = command
-	}
-	line, err := json.Marshal(req)
+	id := c.nextID.Add(1)
+	line, err := encodeRequest(verb, command, args, id)
 	if err != nil {
-		return fmt.Errorf("encoding arguments: %w", err)
+		return err
 	}
-	line = append(line, '\n')
-	key := strconv.Quote(id)
+	key := strconv.FormatUint(id, 10)
 
 	ch := make(chan *Message, 1)
 	c.mu.Lock()

@@ -581,7 +581,7 @@ func TestUnknownIDAndIDlessErrors(t *testing.T) {
 	s.Handle("noise", func(c *qmptest.Conn, r *qmptest.Request) {
 		c.Send(`{"return": {}, "id": "not-ours"}`)
 		c.Send(`{"error": {"class": "GenericError", "desc": "JSON parse error"}}`)
-		c.Send(`{"return": {}, "id": 12345}`)
+		c.Send(`{"return": {}, "id": 987654321}`)
 		c.Reply(r, "ok")
 	})
 	c := dial(t, s)

@@ -7,6 +7,8 @@
 #   lockstep.ip=10.0.2.15/24   address of eth0
 #   lockstep.gw=10.0.2.2       default gateway
 #   lockstep.port=7777         TCP port of the workload service
+#   lockstep.linkdelay=0.6     seconds between loading e1000 and bringing eth0
+#                              up (see net_up); 0 with autonegotiation=off
 # Console lines starting with "lockstep-guest:" are markers for tests.
 
 export PATH=/bin
@@ -21,45 +23,52 @@ echo "lockstep-guest: init started, kernel $(uname -r)"
 IP=10.0.2.15/24
 GW=10.0.2.2
 PORT=7777
+LINKDELAY=0.6
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	lockstep.ip=*) IP=${arg#*=} ;;
 	lockstep.gw=*) GW=${arg#*=} ;;
 	lockstep.port=*) PORT=${arg#*=} ;;
+	lockstep.linkdelay=*) LINKDELAY=${arg#*=} ;;
 	esac
 done
 
+# net_up configures eth0 once its driver is loaded.
+net_up() {
+	# No IPv6: its multicast joins rewrite the NIC's receive control
+	# register, and QEMU's e1000 receives nothing for 1 s after every such
+	# write.
+	echo 1 >/proc/sys/net/ipv6/conf/eth0/disable_ipv6
+	# The e1000 driver's probe restarts autonegotiation, which QEMU completes
+	# 500 ms later. An interface brought up before that notices its link
+	# only at the driver's next watchdog run, 2 s later (the link-change
+	# interrupt cannot advance a watchdog already scheduled), so waiting a
+	# little saves seconds. With the e1000 option autonegotiation=off the
+	# link is up at once: lockstep.linkdelay=0 then skips the wait.
+	[ "$LINKDELAY" = 0 ] || sleep "$LINKDELAY"
+	ip link set eth0 up
+	ip addr add "$IP" dev eth0
+	ip route add default via "$GW" dev eth0 || echo "lockstep-guest: no route via $GW"
+	# Announce our address (gratuitous ARP): QEMU's user network then knows
+	# our MAC and forwards the first connection without resolving it first.
+	arping -q -U -c 1 -I eth0 "${IP%/*}"
+	echo "lockstep-guest: network eth0 $IP gw $GW"
+}
+
+ip link set lo up
 # One line per group of modules, each in dependency order as build.sh resolved
-# them from modules.dep; groups share nothing, so they load in parallel.
+# them from modules.dep. Groups share no module, so they load in parallel, and
+# the NIC's group goes on to configure the network. The workload does not wait
+# for them: it waits for its disk itself and listens on every address.
 while read -r group; do
 	(
 		for mod in $group; do
 			insmod "/lib/modules/$mod" || echo "lockstep-guest: insmod $mod failed"
 		done
-		# Bring the NIC up once its link has had time to come up, while the
-		# disk is still being probed. The e1000 driver's probe restarts
-		# autonegotiation, which QEMU completes 500 ms later; an interface
-		# brought up before that notices the link only at the driver's next
-		# 2 s watchdog run (the link-change interrupt cannot advance a
-		# watchdog already scheduled), so waiting a little saves seconds.
-		# (QEMU's e1000 option autonegotiation=off has the link up at once.)
-		if [ -e /sys/class/net/eth0 ]; then
-			sleep 0.6
-			ip link set eth0 up
-		fi
+		echo "lockstep-guest: loaded $group"
+		if [ -e /sys/class/net/eth0 ]; then net_up; fi
 	) &
 done </lib/modules/load-order
-wait
-echo "lockstep-guest: modules loaded"
-
-ip link set lo up
-ip link set eth0 up
-ip addr add "$IP" dev eth0
-ip route add default via "$GW" dev eth0 || echo "lockstep-guest: no route via $GW"
-# Announce our address (gratuitous ARP): QEMU's user network then knows our
-# MAC and forwards the first connection at once, without resolving it first.
-arping -q -U -c 1 -I eth0 "${IP%/*}" &
-echo "lockstep-guest: network eth0 $IP gw $GW"
 
 # Respawn the workload: a test may kill it on purpose, and PID 1 must never
 # exit (that would panic the kernel).

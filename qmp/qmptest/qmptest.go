@@ -357,12 +357,12 @@ func (c *Conn) read() {
 		}
 		buf = append(buf, chunk[:n]...)
 		for {
-			i := bytes.IndexByte(buf, '\n')
+			i := objectEnd(buf)
 			if i < 0 {
 				break
 			}
 			line := append([]byte(nil), buf[:i]...)
-			buf = buf[i+1:]
+			buf = buf[i:]
 			req, perr := parseRequest(line)
 			if perr != nil {
 				// QEMU answers a line it cannot parse with an error without id.
@@ -395,6 +395,49 @@ func (c *Conn) read() {
 			return
 		}
 	}
+}
+
+// objectEnd returns the length of the first complete request in buf (leading whitespace, then a
+// JSON object; QEMU, like this fake, needs no newline after it), or -1 when it is incomplete. A
+// line that does not start an object counts up to its newline, so it can be refused.
+func objectEnd(buf []byte) int {
+	i := 0
+	for i < len(buf) && (buf[i] == ' ' || buf[i] == '\n' || buf[i] == '\r' || buf[i] == '\t') {
+		i++
+	}
+	if i == len(buf) {
+		return -1
+	}
+	if buf[i] != '{' {
+		if j := bytes.IndexByte(buf[i:], '\n'); j >= 0 {
+			return i + j + 1
+		}
+		return -1
+	}
+	depth, inString, escaped := 0, false, false
+	for ; i < len(buf); i++ {
+		c := buf[i]
+		switch {
+		case escaped:
+			escaped = false
+		case inString:
+			if c == '\\' {
+				escaped = true
+			} else if c == '"' {
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			depth++
+		case c == '}' || c == ']':
+			depth--
+			if depth == 0 {
+				return i + 1
+			}
+		}
+	}
+	return -1
 }
 
 func parseRequest(line []byte) (*Request, error) {

@@ -19,7 +19,7 @@ build:
 # ordinary tests.
 test: qemu guest
 	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 25m ./...
+	$(GO) test -race -count=1 -p 1 -timeout 25m ./...
 
 # Unit tests only: no QEMU needed.
 unit:
@@ -41,9 +41,11 @@ qemu:
 guest:
 	bash integration/guest/build.sh
 
-# The QMP client against the raw socket floor and go-qemu, on both real QEMUs.
-bench: qemu
+# The QMP client against the raw socket floor and go-qemu on both real QEMUs, then the COLO
+# table (throughput, checkpoint pauses, failover times) on QEMU 11.1 with the test guest.
+bench: qemu guest
 	$(GO) test -run '^$$' -bench . -benchtime 2000x -count 3 ./qmp/
+	$(GO) test -run '^$$' -bench BenchmarkColo -benchtime 1x -timeout 30m ./integration/
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./qmp/

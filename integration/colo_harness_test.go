@@ -93,7 +93,6 @@ type pairEnv struct {
 	vms     []*checkpoint.VM
 	sideN   int
 	genN    int
-	ports   [][]int
 	nextHub int
 	ovDir   string
 }

@@ -11,8 +11,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/lockstepvm/lockstep/qmp"
 )
@@ -22,15 +25,16 @@ import (
 type VM struct {
 	Role   Role
 	Side   Side
-	Cmd    *exec.Cmd
 	QMP    *qmp.Client
+	proc   *os.Process
 	exited chan struct{}
 	err    error
-	log    *os.File
+	// stopWatch ends the exit watcher of an adopted VM (which is not our child).
+	stopWatch chan struct{}
 }
 
 // PID returns the QEMU process id.
-func (v *VM) PID() int { return v.Cmd.Process.Pid }
+func (v *VM) PID() int { return v.proc.Pid }
 
 // Exited is closed when the QEMU process has exited.
 func (v *VM) Exited() <-chan struct{} { return v.exited }
@@ -43,15 +47,78 @@ func (v *VM) ExitErr() error {
 
 // Kill sends SIGKILL to QEMU (by its PID), waits for it and closes the QMP connection.
 func (v *VM) Kill() {
-	_ = v.Cmd.Process.Signal(syscall.SIGKILL)
+	_ = v.proc.Signal(syscall.SIGKILL)
 	<-v.exited
 	if v.QMP != nil {
 		v.QMP.Close()
 	}
 }
 
+// Release lets go of the VM without stopping QEMU: its QMP connection closes and, for an
+// adopted VM, its exit watcher stops. The agent does this when it stops and leaves its VMs
+// running.
+func (v *VM) Release() {
+	if v.QMP != nil {
+		v.QMP.Close()
+	}
+	if v.stopWatch != nil {
+		select {
+		case <-v.stopWatch:
+		default:
+			close(v.stopWatch)
+		}
+	}
+}
+
 // Signal sends sig to the QEMU process.
-func (v *VM) Signal(sig syscall.Signal) error { return v.Cmd.Process.Signal(sig) }
+func (v *VM) Signal(sig syscall.Signal) error { return v.proc.Signal(sig) }
+
+// Adopt takes over a QEMU that runs already (started by an earlier agent): it connects to the
+// QMP socket in side.RunDir and watches the process pid, which is not a child of this process,
+// through a pidfd.
+func Adopt(ctx context.Context, role Role, side Side, pid int, lg *slog.Logger) (*VM, error) {
+	if lg == nil {
+		lg = slog.New(slog.DiscardHandler)
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return nil, fmt.Errorf("adopting QEMU pid %d: %w", pid, err)
+	}
+	q, err := qmp.Dial(ctx, "unix", QMPSocket(side.RunDir), qmp.WithLogger(lg))
+	if err != nil {
+		unix.Close(pidfd)
+		return nil, fmt.Errorf("adopting QEMU pid %d: %w", pid, err)
+	}
+	proc, _ := os.FindProcess(pid)
+	vm := &VM{Role: role, Side: side, QMP: q, proc: proc, exited: make(chan struct{}), stopWatch: make(chan struct{})}
+	go func() { // owned by the VM: ends at the process's exit or at Release
+		defer unix.Close(pidfd)
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+		for {
+			n, err := unix.Poll(fds, 200)
+			if n > 0 || (err != nil && err != unix.EINTR) {
+				vm.err = errors.New("exited (adopted process)")
+				close(vm.exited)
+				return
+			}
+			select {
+			case <-vm.stopWatch:
+				return
+			default:
+			}
+		}
+	}()
+	return vm, nil
+}
+
+// ReadPID reads the pid file QEMU wrote in its runtime folder.
+func ReadPID(runDir string) (int, error) {
+	b, err := os.ReadFile(filepath.Join(runDir, "qemu.pid"))
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(b)))
+}
 
 // LogTail returns the end of QEMU's own log (stdout and stderr).
 func (v *VM) LogTail() string {
@@ -119,7 +186,7 @@ func Launch(ctx context.Context, c LaunchConfig) (*VM, error) {
 		logf.Close()
 		return nil, fmt.Errorf("starting QEMU (%s): %w", s.QEMU[0], err)
 	}
-	vm := &VM{Role: c.Role, Side: c.Side, Cmd: cmd, exited: make(chan struct{}), log: logf}
+	vm := &VM{Role: c.Role, Side: c.Side, proc: cmd.Process, exited: make(chan struct{})}
 	go func() { // owned by the VM: ends when the process does
 		vm.err = cmd.Wait()
 		logf.Close()

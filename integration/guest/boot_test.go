@@ -93,7 +93,7 @@ func boot(t *testing.T, qemu string, p guest.Paths, disk, name string) *vm {
 			"-append", guest.KernelCmdline("", ""),
 			"-drive", "file="+disk+",if=ide,format=raw",
 			"-netdev", fmt.Sprintf("user,id=n0,hostfwd=tcp:127.0.0.1:%d-10.0.2.15:%d", port, guest.Port),
-			"-device", "e1000,netdev=n0,mac=52:54:00:12:34:56",
+			"-device", "e1000,netdev=n0,mac=52:54:00:12:34:56"+guest.NICOptions(context.Background(), qemu),
 		)
 		v.cmd.Stdout = v.stderr
 		v.cmd.Stderr = v.stderr
@@ -198,7 +198,7 @@ func TestBootWriteRecover(t *testing.T) {
 	c, took := v.waitReady(t, 2*time.Minute)
 	t.Logf("first boot: service answered %v after QEMU started", took.Round(time.Millisecond))
 	con := v.console(t)
-	for _, want := range []string{guest.ReadyMarker + ":7777", "lockstep-guest: network eth0 10.0.2.15/24 gw 10.0.2.2", "recovered 0 records"} {
+	for _, want := range []string{guest.ReadyMarker + ":7777", "lockstep-guest: network eth0 10.0.2.15/24 gw 10.0.2.2", "reads direct, recovered 0 records"} {
 		if !strings.Contains(con, want) {
 			t.Errorf("serial console lacks %q:\n%s", want, con)
 		}

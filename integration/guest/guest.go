@@ -12,9 +12,16 @@
 //	  -append "$(KernelCmdline("", ""))" \
 //	  -drive file=disk.img,if=ide,format=raw \
 //	  -netdev user,id=n0,hostfwd=tcp:127.0.0.1:PORT-10.0.2.15:7777 \
-//	  -device e1000,netdev=n0,mac=52:54:00:12:34:56
+//	  -device e1000,netdev=n0,mac=52:54:00:12:34:56$(NICOptions(qemu))
 //
 // and talk to it with package client once client.DialReady succeeds.
+//
+// Boot time under TCG, QEMU start to the service answering, measured on a
+// 2-core machine shared with other work: 4-5.5 s with QEMU 7.2 and
+// NICOptions, about 1 s more without them, 6.5-9 s with QEMU 11.1. Of that,
+// 1 s is spent after the guest configured its network, because QEMU's e1000
+// receives nothing for 1 s after the driver enables its receiver; connecting
+// early does no harm, packets wait in QEMU's queue.
 package guest
 
 import (
@@ -80,6 +87,42 @@ func KernelCmdline(ip, gw string) string {
 		gw = DefaultGW
 	}
 	return fmt.Sprintf("console=ttyS0 quiet panic=-1 lockstep.ip=%s lockstep.gw=%s", ip, gw)
+}
+
+var (
+	nicMu   sync.Mutex
+	nicOpts = make(map[string]string)
+)
+
+// NICOptions returns options to append to the guest's "-device e1000,..."
+// that shorten its boot under the QEMU that qemu runs (a binary, or a
+// launcher and its arguments), with a leading comma: ",romfile=" leaves out
+// the iPXE option ROM, which a guest booted with -kernel never runs; and,
+// where that QEMU has the option (7.2 has, 11.1 has not),
+// ",autonegotiation=off" has the link up at once rather than 500 ms after
+// the driver's probe, which saves the guest's init about 0.7 s. Both sides
+// of a migration must use the same options. The answer is remembered per
+// command.
+func NICOptions(ctx context.Context, qemu ...string) string {
+	key := strings.Join(qemu, "\x00")
+	nicMu.Lock()
+	defer nicMu.Unlock()
+	if o, ok := nicOpts[key]; ok {
+		return o
+	}
+	opts := ",romfile="
+	if len(qemu) > 0 {
+		args := append(append([]string{}, qemu[1:]...), "-device", "e1000,help")
+		out, err := exec.CommandContext(ctx, qemu[0], args...).CombinedOutput()
+		if err == nil && bytes.Contains(out, []byte("autonegotiation=")) {
+			opts += ",autonegotiation=off"
+		}
+		if err != nil && ctx.Err() != nil {
+			return opts // do not remember an answer cut short
+		}
+	}
+	nicOpts[key] = opts
+	return opts
 }
 
 // CreateDisk creates (or truncates) a raw disk image of size bytes at path,

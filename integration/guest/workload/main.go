@@ -72,9 +72,13 @@ func run(ctx context.Context, listen, disk string, diskWait time.Duration) error
 	if err != nil {
 		return err
 	}
-	if dev != nil {
+	if d, ok := dev.(*logsvc.FileDevice); ok {
+		reads := "through the page cache"
+		if d.Direct() {
+			reads = "direct"
+		}
 		s := l.Summary()
-		marker("disk %s: %d slots, recovered %d records, last %d", disk, l.Capacity(), s.Count, s.Last)
+		marker("disk %s: %d slots, reads %s, recovered %d records, last %d", disk, l.Capacity(), reads, s.Count, s.Last)
 	}
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {

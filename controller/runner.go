@@ -1,0 +1,780 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lockstepvm/lockstep/checkpoint"
+	"github.com/lockstepvm/lockstep/qmp"
+)
+
+// Status is a pair's status as the API reports it.
+type Status struct {
+	Name           string
+	State          State
+	Reason         string
+	PrimarySide    Side
+	PrimaryHost    string
+	SecondaryHost  string // empty while unprotected
+	Generation     int
+	Failovers      int
+	ColoMode       [2]string // per side: none, primary, secondary, or "" when not running
+	QEMUVersion    string
+	Checkpoints    checkpoint.Stats
+	ResyncOffset   int64
+	ResyncLength   int64
+	Step           *checkpoint.StepEvent // the step running now, if any
+	LastFailover   *FailoverRecord
+	AutoReprotect  bool
+	CheckpointTime time.Duration
+}
+
+// FailoverRecord describes the last failover.
+type FailoverRecord struct {
+	At         time.Time
+	Why        string
+	Sequence   string
+	Took       time.Duration
+	FailedStep string
+}
+
+// EventKind says what a PairEvent carries.
+type EventKind string
+
+// Kinds of pair events.
+const (
+	EventStatus      EventKind = "status"
+	EventState       EventKind = "state"
+	EventStep        EventKind = "step"
+	EventCheckpoints EventKind = "checkpoints"
+	EventResync      EventKind = "resync"
+	EventFailover    EventKind = "failover"
+)
+
+// Event2 is one event of a pair's watch stream.
+type Event2 struct {
+	Kind     EventKind
+	Time     time.Time
+	Status   *Status               // EventStatus
+	From, To State                 // EventState
+	Reason   string                // EventState
+	Step     *checkpoint.StepEvent // EventStep
+	Stats    *checkpoint.Stats     // EventCheckpoints
+	Resync   [2]int64              // EventResync: offset, length
+	Failover *FailoverRecord       // EventFailover
+}
+
+// internal is an event for the runner with what the policy must not see (the VM a worker
+// started, the side a signal came from, which VM it was about).
+type internal struct {
+	ev   Event
+	vm   *checkpoint.VM
+	side Side
+	from *checkpoint.VM // for signals: the VM that raised it; stale ones are dropped
+	gen  *checkpoint.Generation
+	rec  *FailoverRecord
+}
+
+type opRequest struct {
+	ev    Event
+	reply chan error
+}
+
+type runner struct {
+	name   string
+	pc     PairConfig
+	dir    string
+	agent  *Agent
+	log    *slog.Logger
+	policy *Policy
+
+	// Owned by the run goroutine.
+	vms      [2]*checkpoint.VM
+	watchers [2]context.CancelFunc
+	worker   context.CancelFunc
+	workerWG sync.WaitGroup
+	gen      checkpoint.Generation
+
+	events   chan internal
+	requests chan opRequest
+	stopReq  chan chan struct{}
+	done     chan struct{} // closed when run returns
+
+	mu        sync.Mutex // guards the fields below, read by status and watch
+	snap      Status
+	obs       *checkpoint.Observer // set by protect workers too
+	obsStop   func()
+	watchers2 map[chan Event2]struct{}
+}
+
+func (a *Agent) newRunner(pc PairConfig, p *Policy) *runner {
+	pc.Spec = pc.Spec.WithDefaults()
+	r := &runner{
+		name: pc.Spec.Name, pc: pc, dir: a.pairDir(pc.Spec.Name), agent: a,
+		log: a.log.With("pair", pc.Spec.Name), policy: p,
+		events: make(chan internal, 64), requests: make(chan opRequest), stopReq: make(chan chan struct{}), done: make(chan struct{}),
+		watchers2: map[chan Event2]struct{}{},
+	}
+	r.snap = Status{Name: r.name, State: StateStopped, AutoReprotect: !pc.NoAutoReprotect}
+	return r
+}
+
+// side returns the checkpoint.Side of s: its runtime folder, disk and overlays.
+func (r *runner) side(s Side) checkpoint.Side {
+	sc := r.pc.Sides[s]
+	ov := filepath.Join(r.agent.cfg.OverlayDir, r.name, s.String())
+	return checkpoint.Side{
+		Host: sc.Host, RunDir: filepath.Join(r.dir, s.String()), Disk: sc.Disk,
+		Active: filepath.Join(ov, "active.qcow2"), Hidden: filepath.Join(ov, "hidden.qcow2"),
+		NetSocket: sc.NetSocket,
+	}
+}
+
+// request hands an operator event to the runner and waits for the policy's answer.
+func (r *runner) request(ev Event) error {
+	reply := make(chan error, 1)
+	select {
+	case r.requests <- opRequest{ev: ev, reply: reply}:
+	case <-r.agent.ctx.Done():
+		return errors.New("agent stopping")
+	}
+	return <-reply
+}
+
+// stop ends the runner (its QEMUs are left as the policy left them).
+func (r *runner) stop() {
+	done := make(chan struct{})
+	select {
+	case r.stopReq <- done:
+		<-done
+	case <-r.agent.ctx.Done():
+	}
+}
+
+func (r *runner) send(ctx context.Context, in internal) {
+	select {
+	case r.events <- in:
+	case <-ctx.Done():
+	}
+}
+
+func (r *runner) run(ctx context.Context) {
+	tick := time.NewTicker(TickInterval)
+	defer tick.Stop()
+	statsTick := time.NewTicker(time.Second)
+	defer statsTick.Stop()
+	// Watch the adopted VMs.
+	for s, vm := range r.vms {
+		if vm != nil {
+			r.watchVM(ctx, Side(s), vm)
+		}
+	}
+	if r.policy.State() == StateProtected && r.vms[r.policy.Primary()] != nil {
+		r.startObserver(r.vms[r.policy.Primary()], nil)
+	}
+	r.publish("")
+	defer close(r.done)
+	defer func() {
+		if r.worker != nil {
+			r.worker()
+		}
+		r.workerWG.Wait()
+		r.stopObserver()
+		for s := range r.vms {
+			if r.watchers[s] != nil {
+				r.watchers[s]()
+			}
+			if r.vms[s] != nil {
+				r.vms[s].Release()
+			}
+		}
+		r.mu.Lock()
+		for ch := range r.watchers2 {
+			close(ch)
+			delete(r.watchers2, ch)
+		}
+		r.mu.Unlock()
+	}()
+	for {
+		var reason string
+		select {
+		case <-ctx.Done():
+			return
+		case done := <-r.stopReq:
+			defer close(done)
+			return
+		case req := <-r.requests:
+			if pe, ok := req.ev.(paramsEvent); ok {
+				req.reply <- nil
+				pe.errc <- r.applyParams(ctx, pe.spec)
+				continue
+			}
+			acts, err := r.policy.Step(req.ev)
+			req.reply <- err
+			if err != nil {
+				continue
+			}
+			r.exec(ctx, acts)
+			reason = fmt.Sprintf("%T", req.ev)
+		case in := <-r.events:
+			if in.from != nil && r.current(in.side) != in.from {
+				continue // about a VM that is gone already
+			}
+			if in.vm != nil {
+				r.vms[in.side] = in.vm
+				r.watchVM(ctx, in.side, in.vm)
+			}
+			if in.gen != nil {
+				r.gen = *in.gen
+			}
+			if in.rec != nil {
+				r.mu.Lock()
+				r.snap.LastFailover = in.rec
+				r.mu.Unlock()
+				r.broadcast(Event2{Kind: EventFailover, Time: time.Now(), Failover: in.rec})
+			}
+			acts, _ := r.policy.Step(in.ev)
+			r.exec(ctx, acts)
+			r.dropUnneeded()
+		case <-tick.C:
+			acts, _ := r.policy.Step(EvTick{})
+			r.exec(ctx, acts)
+		case <-statsTick.C:
+			r.mu.Lock()
+			obs := r.obs
+			r.mu.Unlock()
+			if obs != nil {
+				st := obs.Stats()
+				r.mu.Lock()
+				r.snap.Checkpoints = st
+				r.mu.Unlock()
+				r.broadcast(Event2{Kind: EventCheckpoints, Time: time.Now(), Stats: &st})
+			}
+		}
+		r.publish(reason)
+		r.persist()
+	}
+}
+
+func (r *runner) current(s Side) *checkpoint.VM { return r.vms[s] }
+
+// dropUnneeded kills QEMUs the policy no longer counts on (a worker's VM that arrived after
+// the pair moved on).
+func (r *runner) dropUnneeded() {
+	st := r.policy.State()
+	for s := range r.vms {
+		side := Side(s)
+		if r.vms[s] == nil {
+			continue
+		}
+		needed := st != StateStopped && st != StateFailed &&
+			(side == r.policy.Primary() || r.policy.HasSecondary())
+		if !needed {
+			r.kill(side, "no longer part of the pair")
+		}
+	}
+}
+
+func (r *runner) kill(s Side, why string) {
+	if r.watchers[s] != nil {
+		r.watchers[s]()
+		r.watchers[s] = nil
+	}
+	if vm := r.vms[s]; vm != nil {
+		r.log.Info("killing QEMU", "side", s, "pid", vm.PID(), "why", why)
+		vm.Kill()
+		r.vms[s] = nil
+	}
+	if s == r.policy.Primary() {
+		r.stopObserver()
+	}
+}
+
+func (r *runner) watchVM(ctx context.Context, s Side, vm *checkpoint.VM) {
+	if r.watchers[s] != nil {
+		r.watchers[s]()
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	r.watchers[s] = cancel
+	sigs := make(chan checkpoint.Signal, 8)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); checkpoint.Watch(wctx, vm, r.agent.cfg.Watch, sigs) }()
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case sg := <-sigs:
+				kind, ok := signalKind(sg)
+				if !ok {
+					continue
+				}
+				r.log.Warn("failure signal", "side", s, "signal", sg.String())
+				r.send(wctx, internal{ev: EvSignal{Side: s, Kind: kind}, side: s, from: vm})
+			case <-wctx.Done():
+				return
+			}
+		}
+	}()
+	r.workerWG.Add(1)
+	go func() { defer r.workerWG.Done(); <-wctx.Done(); wg.Wait() }()
+}
+
+func signalKind(s checkpoint.Signal) (SignalKind, bool) {
+	switch s.Kind {
+	case checkpoint.SignalProcessExited:
+		return SigExited, true
+	case checkpoint.SignalQMPLost:
+		return SigQMPLost, true
+	case checkpoint.SignalQMPTimeout:
+		return SigQMPTimeout, true
+	case checkpoint.SignalColoExit:
+		if s.Reason == qmp.ColoExitError {
+			return SigColoExitError, true
+		}
+	case checkpoint.SignalMigrationFailed:
+		return SigMigrationFailed, true
+	}
+	return "", false
+}
+
+// exec carries out the policy's actions: kills at once, long actions on a worker goroutine
+// that reports its end as an event.
+func (r *runner) exec(ctx context.Context, acts []Action) {
+	for _, a := range acts {
+		r.log.Info("action", "action", fmt.Sprintf("%T%+v", a, a))
+		switch a := a.(type) {
+		case ActKill:
+			r.kill(a.Side, a.Reason)
+		case ActBoot:
+			r.spawn(ctx, func(wctx context.Context) internal { return r.boot(wctx, a.Side) })
+		case ActProtect:
+			r.spawn(ctx, func(wctx context.Context) internal { return r.protect(wctx, a) })
+		case ActFailoverAsSecondary:
+			vm := r.vms[a.Side]
+			r.spawn(ctx, func(wctx context.Context) internal {
+				return r.failover(wctx, a.Side, "primary lost", checkpoint.FailoverAsSecondary(vm.QMP, a.Yank))
+			})
+		case ActFailoverAsPrimary:
+			vm := r.vms[a.Side]
+			r.stopObserver()
+			r.spawn(ctx, func(wctx context.Context) internal {
+				return r.failover(wctx, a.Side, "secondary lost", checkpoint.FailoverAsPrimary(vm.QMP, r.gen))
+			})
+		case ActSwitchover:
+			prim, sec := r.vms[a.From], r.vms[a.From.Other()]
+			r.stopObserver()
+			r.spawn(ctx, func(wctx context.Context) internal { return r.switchover(wctx, a.From, prim, sec) })
+		}
+	}
+}
+
+// spawn runs one long action; the previous one, if any, is cancelled first.
+func (r *runner) spawn(ctx context.Context, f func(context.Context) internal) {
+	if r.worker != nil {
+		r.worker()
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	r.worker = cancel
+	r.workerWG.Add(1)
+	go func() {
+		defer r.workerWG.Done()
+		in := f(wctx)
+		r.send(wctx, in)
+	}()
+}
+
+func (r *runner) progress(ev checkpoint.StepEvent) {
+	r.mu.Lock()
+	if ev.Phase == checkpoint.StepStarted {
+		e := ev
+		r.snap.Step = &e
+	} else if ev.Index == ev.Total || ev.Phase == checkpoint.StepFailed {
+		r.snap.Step = nil
+	}
+	r.mu.Unlock()
+	e := ev
+	r.broadcast(Event2{Kind: EventStep, Time: time.Now(), Step: &e})
+}
+
+func (r *runner) boot(ctx context.Context, s Side) internal {
+	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RolePrimary, Side: r.side(s), Log: r.log})
+	if err != nil {
+		return internal{ev: EvBootFailed{Err: err.Error()}}
+	}
+	return internal{ev: EvBooted{Side: s}, vm: vm, side: s}
+}
+
+func freeLoopbackPorts(host string, n int) ([]int, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	var out []int
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+		out = append(out, l.Addr().(*net.TCPAddr).Port)
+	}
+	return out, nil
+}
+
+func (r *runner) protect(ctx context.Context, a ActProtect) internal {
+	fail := func(err error) internal {
+		return internal{ev: EvProtectFailed{Gen: a.Gen, Err: err.Error()}}
+	}
+	prim := r.vms[a.Primary]
+	if prim == nil {
+		return fail(errors.New("no primary QEMU"))
+	}
+	secSide := a.Primary.Other()
+	ps, ss := r.side(a.Primary), r.side(secSide)
+	ports, err := freeLoopbackPorts(ps.Host, 5)
+	if err != nil {
+		return fail(err)
+	}
+	g := checkpoint.Generation{N: a.Gen, PrimaryHost: ps.Host, SecondaryHost: ss.Host,
+		Ports: checkpoint.Ports{NBD: ports[0], Mirror: ports[1], Compare: ports[2], CompareIn: ports[3], CompareOut: ports[4]}}
+	// The secondary's replica: same size as the VM's disk; the resync fills it.
+	if err := ensureDisk(ss.Disk, r.pc.Spec.DiskSize); err != nil {
+		return fail(err)
+	}
+	if err := os.MkdirAll(filepath.Dir(ss.Active), 0o700); err != nil {
+		return fail(err)
+	}
+	sec, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RoleSecondary, Side: ss, PrimaryHost: ps.Host, Ports: g.Ports, Log: r.log})
+	if err != nil {
+		return fail(err)
+	}
+	link, err := net.Listen("tcp", net.JoinHostPort(ss.Host, "0"))
+	if err != nil {
+		sec.Kill()
+		return fail(err)
+	}
+	defer link.Close()
+	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
+	cfg := checkpoint.ProtectConfig{
+		Spec: r.pc.Spec, Gen: g, Primary: prim.QMP, Secondary: sec.QMP,
+		DialMigration:   dialLink(link, obs),
+		AcceptMigration: acceptLink(link),
+		OnResync: func(off, l int64) {
+			r.mu.Lock()
+			r.snap.ResyncOffset, r.snap.ResyncLength = off, l
+			r.mu.Unlock()
+			r.broadcast(Event2{Kind: EventResync, Time: time.Now(), Resync: [2]int64{off, l}})
+		},
+	}
+	seq := checkpoint.StartProtection(cfg)
+	if a.Reprotect {
+		seq = checkpoint.Reprotect(cfg)
+	}
+	sub := prim.QMP.Subscribe(checkpoint.ObserverEvents...)
+	if _, err := seq.Run(ctx, r.log, r.progress); err != nil {
+		sub.Close()
+		obs.Close()
+		sec.Kill()
+		return fail(err)
+	}
+	r.startObserver(prim, &observerStart{obs: obs, sub: sub})
+	return internal{ev: EvProtected{Gen: a.Gen}, vm: sec, side: secSide, gen: &g}
+}
+
+type observerStart struct {
+	obs *checkpoint.Observer
+	sub *qmp.Subscription
+}
+
+// startObserver runs the checkpoint observer of the primary. It may run on a worker: the
+// observer is published under r.mu.
+func (r *runner) startObserver(prim *checkpoint.VM, os *observerStart) {
+	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
+	var sub *qmp.Subscription
+	if os != nil {
+		obs, sub = os.obs, os.sub
+	} else {
+		sub = prim.QMP.Subscribe(checkpoint.ObserverEvents...)
+		obs.Observe(&qmp.Event{Name: qmp.EventMigration, Data: []byte(`{"status":"colo"}`), Time: time.Now()})
+	}
+	octx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = obs.Run(octx, sub) }()
+	r.mu.Lock()
+	old := r.obsStop
+	r.obs = obs
+	r.obsStop = func() { cancel(); <-done; sub.Close(); obs.Close() }
+	r.mu.Unlock()
+	if old != nil {
+		old()
+	}
+}
+
+func (r *runner) stopObserver() {
+	r.mu.Lock()
+	stop := r.obsStop
+	r.obs, r.obsStop = nil, nil
+	r.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
+func dialLink(ln net.Listener, obs *checkpoint.Observer) func(context.Context) (*os.File, error) {
+	return func(ctx context.Context) (*os.File, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		f, err := c.(*net.TCPConn).File()
+		if err != nil {
+			return nil, err
+		}
+		if dup, err := c.(*net.TCPConn).File(); err == nil {
+			obs.SetMigrationSocket(dup)
+		}
+		return f, nil
+	}
+}
+
+func acceptLink(ln net.Listener) func(context.Context) (*os.File, error) {
+	return func(ctx context.Context) (*os.File, error) {
+		if tl, ok := ln.(*net.TCPListener); ok {
+			if d, ok := ctx.Deadline(); ok {
+				tl.SetDeadline(d)
+			}
+		}
+		c, err := ln.Accept()
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		return c.(*net.TCPConn).File()
+	}
+}
+
+func ensureDisk(path string, size int64) error {
+	if st, err := os.Stat(path); err == nil && st.Size() == size {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Truncate(size)
+}
+
+func (r *runner) failover(ctx context.Context, survivor Side, why string, seq checkpoint.Sequence) internal {
+	t0 := time.Now()
+	took, err := seq.Run(ctx, r.log, r.progress)
+	rec := &FailoverRecord{At: t0, Why: why + ": " + r.policy.Reason(), Sequence: seq.Name, Took: took}
+	if err != nil {
+		var se *checkpoint.StepError
+		if errors.As(err, &se) {
+			rec.FailedStep = se.Step
+		}
+		return internal{ev: EvFailoverFailed{Survivor: survivor, Err: err.Error()}, rec: rec}
+	}
+	return internal{ev: EvFailoverDone{Survivor: survivor}, rec: rec}
+}
+
+// switchover moves the VM to the secondary: a checkpoint flushes everything colo-compare holds,
+// the old primary is killed right after it, and the secondary fails over.
+func (r *runner) switchover(ctx context.Context, from Side, prim, sec *checkpoint.VM) internal {
+	t0 := time.Now()
+	sub := prim.QMP.Subscribe(qmp.EventResume)
+	delay := uint32(r.pc.Spec.Tunables.CheckpointDelay / time.Millisecond)
+	// Setting the delay during COLO starts a checkpoint at once.
+	if err := prim.QMP.MigrateSetParameters(ctx, qmp.MigrationParameters{XCheckpointDelay: &delay}); err == nil {
+		wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, _ = sub.Next(wctx)
+		cancel()
+	}
+	sub.Close()
+	prim.Kill()
+	in := r.failover(ctx, from.Other(), "planned switchover", checkpoint.FailoverAsSecondary(sec.QMP, false))
+	if in.rec != nil {
+		in.rec.At, in.rec.Took = t0, time.Since(t0)
+	}
+	return in
+}
+
+func (r *runner) setParameters(ctx context.Context, t checkpoint.Tunables) error {
+	st := r.status()
+	if st.State != StateProtected {
+		return fmt.Errorf("set parameters: pair is %s; parameters apply to a protected pair: %w", st.State, ErrWrongState)
+	}
+	spec := r.pc.Spec
+	if t.CheckpointDelay != 0 {
+		spec.Tunables.CheckpointDelay = t.CheckpointDelay
+	}
+	if t.MaxBandwidth != 0 {
+		spec.Tunables.MaxBandwidth = t.MaxBandwidth
+	}
+	if t.CompareTimeout != 0 {
+		return &checkpoint.FieldError{Field: "compare_timeout", Reason: "takes effect at the next protection only; not changeable at run time"}
+	}
+	if err := spec.Validate(); err != nil {
+		return err
+	}
+	errc := make(chan error, 1)
+	// Run on the runner's goroutine, which owns the VMs.
+	reply := make(chan error, 1)
+	select {
+	case r.requests <- opRequest{ev: paramsEvent{spec: spec, errc: errc}, reply: reply}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if err := <-reply; err != nil {
+		return err
+	}
+	return <-errc
+}
+
+// applyParams sets the tunables on the primary's QEMU (the runner's goroutine owns the VMs).
+func (r *runner) applyParams(ctx context.Context, spec checkpoint.Spec) error {
+	prim := r.vms[r.policy.Primary()]
+	if prim == nil || r.policy.State() != StateProtected {
+		return fmt.Errorf("set parameters: pair is %s: %w", r.policy.State(), ErrWrongState)
+	}
+	delay := uint32(spec.Tunables.CheckpointDelay / time.Millisecond)
+	p := qmp.MigrationParameters{XCheckpointDelay: &delay}
+	if spec.Tunables.MaxBandwidth > 0 {
+		bw := spec.Tunables.MaxBandwidth
+		p.MaxBandwidth = &bw
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := prim.QMP.MigrateSetParameters(cctx, p); err != nil {
+		return err
+	}
+	r.pc.Spec = spec
+	r.mu.Lock()
+	if r.obs != nil {
+		r.obs.SetDelay(spec.Tunables.CheckpointDelay)
+	}
+	r.mu.Unlock()
+	if err := writeJSON(filepath.Join(r.dir, "pair.json"), r.pc); err != nil {
+		r.log.Error("saving the pair", "err", err)
+	}
+	return nil
+}
+
+// paramsEvent is handled by the runner itself, not the policy.
+type paramsEvent struct {
+	spec checkpoint.Spec
+	errc chan error
+}
+
+func (paramsEvent) isEvent() {}
+
+// status returns a copy of the pair's status.
+func (r *runner) status() Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.snap
+	if s.Step != nil {
+		e := *s.Step
+		s.Step = &e
+	}
+	return s
+}
+
+// publish refreshes the status snapshot from the policy and tells watchers of a state change.
+func (r *runner) publish(reason string) {
+	p := r.policy
+	r.mu.Lock()
+	old := r.snap.State
+	s := &r.snap
+	s.State, s.Reason, s.PrimarySide, s.Generation, s.Failovers = p.State(), p.Reason(), p.Primary(), p.Generation(), p.Failovers()
+	s.PrimaryHost = r.pc.Sides[p.Primary()].Host
+	s.SecondaryHost = ""
+	if p.HasSecondary() {
+		s.SecondaryHost = r.pc.Sides[p.Primary().Other()].Host
+	}
+	s.CheckpointTime = r.pc.Spec.Tunables.CheckpointDelay
+	for i := range s.ColoMode {
+		s.ColoMode[i] = ""
+		if r.vms[i] != nil {
+			if Side(i) == p.Primary() {
+				s.ColoMode[i] = "primary"
+			} else {
+				s.ColoMode[i] = "secondary"
+			}
+			if p.State() != StateProtected {
+				s.ColoMode[i] = "none"
+			}
+		}
+	}
+	if p.State() != StateProtected {
+		s.Checkpoints = checkpoint.Stats{}
+	}
+	changed := old != s.State
+	from, to, why := old, s.State, s.Reason
+	r.mu.Unlock()
+	if changed {
+		r.log.Info("state", "from", from, "to", to, "reason", why)
+		r.broadcast(Event2{Kind: EventState, Time: time.Now(), From: from, To: to, Reason: why})
+	}
+	_ = reason
+}
+
+func (r *runner) persist() {
+	p := r.policy
+	ps := persisted{Primary: p.Primary(), Gen: p.Generation(), Protected: p.State() == StateProtected, Started: p.State() != StateStopped}
+	if err := writeJSON(filepath.Join(r.dir, "state.json"), ps); err != nil && !strings.Contains(err.Error(), "no such file") {
+		r.log.Error("saving state", "err", err)
+	}
+}
+
+func (r *runner) broadcast(ev Event2) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for ch := range r.watchers2 {
+		select {
+		case ch <- ev:
+		default: // a watcher that falls behind loses events; the runner never waits
+		}
+	}
+}
+
+func (r *runner) watch(ctx context.Context) <-chan Event2 {
+	ch := make(chan Event2, 256)
+	st := r.status()
+	ch <- Event2{Kind: EventStatus, Time: time.Now(), Status: &st}
+	r.mu.Lock()
+	r.watchers2[ch] = struct{}{}
+	r.mu.Unlock()
+	r.agent.wg.Add(1)
+	go func() {
+		defer r.agent.wg.Done()
+		select {
+		case <-ctx.Done():
+		case <-r.done:
+		}
+		r.mu.Lock()
+		if _, ok := r.watchers2[ch]; ok {
+			delete(r.watchers2, ch)
+			close(ch)
+		}
+		r.mu.Unlock()
+	}()
+	return ch
+}

@@ -261,7 +261,7 @@ func TestFailoverSequences(t *testing.T) {
 	}
 
 	s2 := qmptest.New(t)
-	for _, cmd := range []string{"x-colo-lost-heartbeat", "nbd-server-stop", "chardev-remove", "object-del", "yank"} {
+	for _, cmd := range []string{"x-colo-lost-heartbeat", "nbd-server-stop", "chardev-remove", "object-del", "yank", "announce-self"} {
 		s2.Handle(cmd, qmptest.Return(struct{}{}))
 	}
 	c2 := dial(t, s2)
@@ -269,8 +269,9 @@ func TestFailoverSequences(t *testing.T) {
 	if _, err := checkpoint.FailoverAsSecondary(c2, true).Run(ctx10(t), nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	wantNames := []string{"secondary: yank migration and channels", "secondary: nbd-server-stop", "secondary: x-colo-lost-heartbeat",
-		"secondary: object-del f2", "secondary: object-del f1", "secondary: chardev-remove red1", "secondary: chardev-remove red0"}
+	wantNames := []string{"secondary: yank migration and channels", "secondary: object-del f1", "secondary: object-del f2",
+		"secondary: nbd-server-stop", "secondary: x-colo-lost-heartbeat", "secondary: announce-self",
+		"secondary: chardev-remove red1", "secondary: chardev-remove red0"}
 	if !slices.Equal(names, wantNames) {
 		t.Fatalf("steps %v", names)
 	}

@@ -466,6 +466,16 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 			return nil
 		}})
 	}
+	// The network filters go first: until f1 goes, every frame the network delivers to this side
+	// is dropped (only the primary's mirrored copy was wanted), and until f2 goes, every reply of
+	// the guest goes to the dead primary. Taking them out before COLO ends narrows the window in
+	// which a client's packet is lost and must wait for its sender's retransmission timer.
+	for _, id := range []string{secF1, secF2} {
+		id := id
+		steps = append(steps, Step{Name: "secondary: object-del " + id, Run: func(ctx context.Context) error {
+			return ignoreMissing(s.ObjectDel(ctx, id))
+		}})
+	}
 	steps = append(steps,
 		Step{Name: "secondary: nbd-server-stop", Run: func(ctx context.Context) error {
 			return ignoreMissing(s.NBDServerStop(ctx))
@@ -473,13 +483,16 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 		Step{Name: "secondary: x-colo-lost-heartbeat", Run: func(ctx context.Context) error {
 			return s.XColoLostHeartbeat(ctx)
 		}},
+		// A switch or bridge still sends the guest's traffic to the dead primary's port until it
+		// sees the guest's MAC on this side: gratuitous RARPs from the NIC move it at once.
+		Step{Name: "secondary: announce-self", Run: func(ctx context.Context) error {
+			err := s.AnnounceSelf(ctx)
+			if qmp.IsClass(err, "CommandNotFound") {
+				return nil
+			}
+			return err
+		}},
 	)
-	for _, id := range []string{secF2, secF1} {
-		id := id
-		steps = append(steps, Step{Name: "secondary: object-del " + id, Run: func(ctx context.Context) error {
-			return ignoreMissing(s.ObjectDel(ctx, id))
-		}})
-	}
 	for _, id := range []string{secRed1, secRed0} {
 		id := id
 		steps = append(steps, Step{Name: "secondary: chardev-remove " + id, Run: func(ctx context.Context) error {

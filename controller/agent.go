@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/lockstepvm/lockstep/checkpoint"
@@ -339,13 +338,4 @@ func (a *Agent) adopt(name string) (*runner, error) {
 	}
 	a.log.Info("pair adopted", "pair", name, "state", r.policy.State(), "primary", r.policy.Primary())
 	return r, nil
-}
-
-// killVM stops a QEMU now and waits for it.
-func killVM(vm *checkpoint.VM) {
-	if vm == nil {
-		return
-	}
-	_ = vm.Signal(syscall.SIGKILL)
-	vm.Kill()
 }

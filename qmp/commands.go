@@ -320,6 +320,12 @@ func (c *Client) Yank(ctx context.Context, instances ...YankInstance) error {
 	return c.Execute(ctx, "yank", args, nil)
 }
 
+// AnnounceSelf makes the NICs send gratuitous RARP frames so that switches learn where the
+// guest's MAC is now: 5 rounds, 50 ms after the call, then 150, 250, ... ms apart.
+func (c *Client) AnnounceSelf(ctx context.Context) error {
+	return c.Execute(ctx, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 5, "step": 100}, nil)
+}
+
 // Stop pauses the VM.
 func (c *Client) Stop(ctx context.Context) error { return c.Execute(ctx, "stop", nil, nil) }
 

@@ -69,6 +69,7 @@ func TestTypedCallsSendQEMUForms(t *testing.T) {
 		{"yank", func(ctx context.Context, c *qmp.Client) error {
 			return c.Yank(ctx, qmp.YankInstance{Type: "block-node", NodeName: "nbd0"}, qmp.YankInstance{Type: "chardev", ID: "red0"})
 		}, "yank", `{"instances":[{"type":"block-node","node-name":"nbd0"},{"type":"chardev","id":"red0"}]}`},
+		{"announce-self", func(ctx context.Context, c *qmp.Client) error { return c.AnnounceSelf(ctx) }, "announce-self", `{"initial":50,"max":550,"rounds":5,"step":100}`},
 		{"yank nothing", func(ctx context.Context, c *qmp.Client) error { return c.Yank(ctx) }, "yank", `{"instances":[]}`},
 		{"hmp", func(ctx context.Context, c *qmp.Client) error {
 			_, err := c.HumanMonitorCommand(ctx, "drive_del replication0")

@@ -72,7 +72,7 @@ while read -r group; do
 			insmod "/lib/modules/$mod" || echo "lockstep-guest: insmod $mod failed"
 		done
 		echo "lockstep-guest: loaded $group"
-		if [ -e /sys/class/net/eth0 ]; then net_up; fi
+		case " $group " in *" e1000.ko "*) net_up ;; esac
 	) &
 done </lib/modules/load-order
 

@@ -158,7 +158,7 @@ func ParseWrite(line []byte) (n uint64, payload []byte, err error) {
 		}
 	}
 	if sp <= 0 {
-		return 0, nil, errors.New("W request needs <n> <payload>")
+		return 0, nil, errors.New("the W request needs <n> <payload>")
 	}
 	n, err = strconv.ParseUint(string(rest[:sp]), 10, 64)
 	if err != nil {

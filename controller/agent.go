@@ -182,6 +182,17 @@ func (a *Agent) get(name string) (*runner, error) {
 	return r, nil
 }
 
+// Config returns a pair's configuration.
+func (a *Agent) Config(name string) (PairConfig, error) {
+	r, err := a.get(name)
+	if err != nil {
+		return PairConfig{}, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.pcSnap, nil
+}
+
 // Get returns a pair's status.
 func (a *Agent) Get(name string) (Status, error) {
 	r, err := a.get(name)

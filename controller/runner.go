@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/lockstepvm/lockstep/checkpoint"
+	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 	"github.com/lockstepvm/lockstep/qmp"
 )
 
@@ -35,6 +36,8 @@ type Status struct {
 	LastFailover   *FailoverRecord
 	AutoReprotect  bool
 	CheckpointTime time.Duration
+	// Changed is when the state last changed.
+	Changed time.Time
 }
 
 // FailoverRecord describes the last failover.
@@ -44,6 +47,8 @@ type FailoverRecord struct {
 	Sequence   string
 	Took       time.Duration
 	FailedStep string
+	Error      string
+	Trigger    pb.FailoverTrigger
 }
 
 // EventKind says what a PairEvent carries.
@@ -110,6 +115,7 @@ type runner struct {
 
 	mu        sync.Mutex // guards the fields below, read by status and watch
 	snap      Status
+	pcSnap    PairConfig           // copy of pc for readers outside the run goroutine
 	obs       *checkpoint.Observer // set by protect workers too
 	obsStop   func()
 	watchers2 map[chan Event2]struct{}
@@ -124,6 +130,7 @@ func (a *Agent) newRunner(pc PairConfig, p *Policy) *runner {
 		watchers2: map[chan Event2]struct{}{},
 	}
 	r.snap = Status{Name: r.name, State: StateStopped, AutoReprotect: !pc.NoAutoReprotect}
+	r.pcSnap = pc
 	return r
 }
 
@@ -359,15 +366,21 @@ func (r *runner) exec(ctx context.Context, acts []Action) {
 		case ActProtect:
 			r.spawn(ctx, func(wctx context.Context) internal { return r.protect(wctx, a) })
 		case ActFailoverAsSecondary:
-			vm := r.vms[a.Side]
-			r.spawn(ctx, func(wctx context.Context) internal {
-				return r.failover(wctx, a.Side, "primary lost", checkpoint.FailoverAsSecondary(vm.QMP, a.Yank))
-			})
-		case ActFailoverAsPrimary:
-			vm := r.vms[a.Side]
+			vm, why, gen := r.vms[a.Side], r.policy.Reason(), r.gen
+			_ = gen
 			r.stopObserver()
 			r.spawn(ctx, func(wctx context.Context) internal {
-				return r.failover(wctx, a.Side, "secondary lost", checkpoint.FailoverAsPrimary(vm.QMP, r.gen))
+				in := r.failover(wctx, a.Side, why, checkpoint.FailoverAsSecondary(vm.QMP, a.Yank))
+				if strings.HasPrefix(why, "forced") {
+					in.rec.Trigger = pb.FailoverTrigger_FAILOVER_TRIGGER_FORCED
+				}
+				return in
+			})
+		case ActFailoverAsPrimary:
+			vm, why, gen := r.vms[a.Side], r.policy.Reason(), r.gen
+			r.stopObserver()
+			r.spawn(ctx, func(wctx context.Context) internal {
+				return r.failover(wctx, a.Side, why, checkpoint.FailoverAsPrimary(vm.QMP, gen))
 			})
 		case ActSwitchover:
 			prim, sec := r.vms[a.From], r.vms[a.From.Other()]
@@ -584,12 +597,13 @@ func ensureDisk(path string, size int64) error {
 func (r *runner) failover(ctx context.Context, survivor Side, why string, seq checkpoint.Sequence) internal {
 	t0 := time.Now()
 	took, err := seq.Run(ctx, r.log, r.progress)
-	rec := &FailoverRecord{At: t0, Why: why + ": " + r.policy.Reason(), Sequence: seq.Name, Took: took}
+	rec := &FailoverRecord{At: t0, Why: why, Sequence: seq.Name, Took: took, Trigger: pb.FailoverTrigger_FAILOVER_TRIGGER_AUTOMATIC}
 	if err != nil {
 		var se *checkpoint.StepError
 		if errors.As(err, &se) {
 			rec.FailedStep = se.Step
 		}
+		rec.Error = err.Error()
 		return internal{ev: EvFailoverFailed{Survivor: survivor, Err: err.Error()}, rec: rec}
 	}
 	return internal{ev: EvFailoverDone{Survivor: survivor}, rec: rec}
@@ -610,9 +624,7 @@ func (r *runner) switchover(ctx context.Context, from Side, prim, sec *checkpoin
 	sub.Close()
 	prim.Kill()
 	in := r.failover(ctx, from.Other(), "planned switchover", checkpoint.FailoverAsSecondary(sec.QMP, false))
-	if in.rec != nil {
-		in.rec.At, in.rec.Took = t0, time.Since(t0)
-	}
+	in.rec.At, in.rec.Took, in.rec.Trigger = t0, time.Since(t0), pb.FailoverTrigger_FAILOVER_TRIGGER_PLANNED
 	return in
 }
 
@@ -667,6 +679,7 @@ func (r *runner) applyParams(ctx context.Context, spec checkpoint.Spec) error {
 	}
 	r.pc.Spec = spec
 	r.mu.Lock()
+	r.pcSnap = r.pc
 	if r.obs != nil {
 		r.obs.SetDelay(spec.Tunables.CheckpointDelay)
 	}
@@ -727,6 +740,9 @@ func (r *runner) publish(reason string) {
 		s.Checkpoints = checkpoint.Stats{}
 	}
 	changed := old != s.State
+	if changed {
+		s.Changed = time.Now()
+	}
 	from, to, why := old, s.State, s.Reason
 	r.mu.Unlock()
 	if changed {

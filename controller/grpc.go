@@ -1,0 +1,395 @@
+package controller
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/lockstepvm/lockstep/checkpoint"
+	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
+)
+
+// PairServer is the gRPC adapter of PairService over an Agent: it converts requests, calls the
+// agent and converts errors to codes at the edge. No policy lives here.
+type PairServer struct {
+	pb.UnimplementedPairServiceServer
+	Agent *Agent
+}
+
+// toGRPC maps the agent's errors to gRPC codes.
+func toGRPC(err error) error {
+	if err == nil {
+		return nil
+	}
+	var fe *checkpoint.FieldError
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	case errors.Is(err, ErrExists):
+		return status.Error(codes.AlreadyExists, err.Error())
+	case errors.Is(err, ErrWrongState):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.As(err, &fe):
+		st := status.New(codes.InvalidArgument, err.Error())
+		br := &errdetails.BadRequest{}
+		for _, f := range fieldErrors(err) {
+			br.FieldViolations = append(br.FieldViolations, &errdetails.BadRequest_FieldViolation{Field: "spec." + f.Field, Description: f.Reason})
+		}
+		if d, derr := st.WithDetails(br); derr == nil {
+			return d.Err()
+		}
+		return st.Err()
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return status.FromContextError(err).Err()
+	}
+	return status.Error(codes.Internal, err.Error())
+}
+
+// fieldErrors unpacks every FieldError in err.
+func fieldErrors(err error) []*checkpoint.FieldError {
+	var out []*checkpoint.FieldError
+	var walk func(error)
+	walk = func(e error) {
+		var fe *checkpoint.FieldError
+		if errors.As(e, &fe) && e == error(fe) {
+			out = append(out, fe)
+			return
+		}
+		if m, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, x := range m.Unwrap() {
+				walk(x)
+			}
+			return
+		}
+		if u := errors.Unwrap(e); u != nil {
+			walk(u)
+		}
+	}
+	walk(err)
+	return out
+}
+
+func bad(field, format string, a ...any) error {
+	return &checkpoint.FieldError{Field: field, Reason: fmt.Sprintf(format, a...)}
+}
+
+// PairConfigFromProto converts a PairSpec; conversion problems name the field.
+func PairConfigFromProto(s *pb.PairSpec) (PairConfig, error) {
+	if s == nil {
+		return PairConfig{}, bad("spec", "missing")
+	}
+	var pc PairConfig
+	sp := &pc.Spec
+	sp.Name = s.GetName()
+	if s.GetMemoryMib() > 1<<20 {
+		return pc, bad("memory_mib", "%d is too large", s.GetMemoryMib())
+	}
+	sp.MemoryMiB, sp.VCPUs, sp.Machine = int(s.GetMemoryMib()), int(s.GetVcpus()), s.GetMachine()
+	switch s.GetAccel() {
+	case pb.Accel_ACCEL_UNSPECIFIED, pb.Accel_ACCEL_AUTO:
+		sp.Accel = "auto"
+	case pb.Accel_ACCEL_KVM:
+		sp.Accel = "kvm"
+	case pb.Accel_ACCEL_TCG:
+		sp.Accel = "tcg"
+	default:
+		return pc, bad("accel", "unknown value %d", s.GetAccel())
+	}
+	sp.Kernel, sp.Initrd, sp.Append = s.GetKernel(), s.GetInitrd(), s.GetAppend()
+	if s.GetDiskSizeBytes() > 1<<50 {
+		return pc, bad("disk_size_bytes", "%d is too large", s.GetDiskSizeBytes())
+	}
+	sp.DiskSize = int64(s.GetDiskSizeBytes())
+	n := s.GetNic()
+	sp.NIC = checkpoint.NIC{MAC: n.GetMac(), Model: n.GetModel(), Tap: n.GetTap(), Bridge: n.GetBridge()}
+	switch n.GetBackend() {
+	case pb.NicBackend_NIC_BACKEND_TAP:
+		sp.NIC.Backend = "tap"
+	case pb.NicBackend_NIC_BACKEND_BRIDGE:
+		sp.NIC.Backend = "bridge"
+	case pb.NicBackend_NIC_BACKEND_SOCKET:
+		sp.NIC.Backend = "socket"
+	default:
+		return pc, bad("nic.backend", "want TAP, BRIDGE or SOCKET")
+	}
+	sp.QEMU, sp.QEMUImg = s.GetQemuCommand(), s.GetQemuImgCommand()
+	if t := s.GetTunables(); t != nil {
+		sp.Tunables.CheckpointDelay = t.GetCheckpointDelay().AsDuration()
+		sp.Tunables.CompareTimeout = t.GetCompareTimeout().AsDuration()
+		sp.Tunables.MaxBandwidth = t.GetMaxBandwidthBytesPerSecond()
+		sp.Tunables.NoRewriter = t.GetNoRewriter()
+	}
+	for i, pl := range []*pb.Placement{s.GetPrimary(), s.GetSecondary()} {
+		field := []string{"primary", "secondary"}[i]
+		if pl == nil {
+			return pc, bad(field, "missing placement")
+		}
+		host := pl.GetAddress()
+		if host == "" {
+			host = pl.GetHost()
+		}
+		pc.Sides[i] = SideConfig{Host: host, Disk: pl.GetDiskPath(), NetSocket: pl.GetNetSocket()}
+	}
+	pc.NoAutoReprotect = !s.AutoReprotectEnabled()
+	return pc, nil
+}
+
+// PairSpecToProto converts a PairConfig back.
+func PairSpecToProto(pc PairConfig) *pb.PairSpec {
+	sp := pc.Spec
+	acc := map[string]pb.Accel{"auto": pb.Accel_ACCEL_AUTO, "kvm": pb.Accel_ACCEL_KVM, "tcg": pb.Accel_ACCEL_TCG}[sp.Accel]
+	be := map[string]pb.NicBackend{"tap": pb.NicBackend_NIC_BACKEND_TAP, "bridge": pb.NicBackend_NIC_BACKEND_BRIDGE, "socket": pb.NicBackend_NIC_BACKEND_SOCKET}[sp.NIC.Backend]
+	auto := !pc.NoAutoReprotect
+	out := &pb.PairSpec{
+		Name: sp.Name, MemoryMib: uint32(sp.MemoryMiB), Vcpus: uint32(sp.VCPUs), Machine: sp.Machine, Accel: acc,
+		Kernel: sp.Kernel, Initrd: sp.Initrd, Append: sp.Append, DiskSizeBytes: uint64(sp.DiskSize),
+		Nic:         &pb.Nic{Mac: sp.NIC.MAC, Model: sp.NIC.Model, Backend: be, Tap: sp.NIC.Tap, Bridge: sp.NIC.Bridge},
+		QemuCommand: sp.QEMU, QemuImgCommand: sp.QEMUImg, Tunables: tunablesToProto(sp.Tunables),
+		AutoReprotect: &auto,
+	}
+	out.Primary = &pb.Placement{Host: pc.Sides[0].Host, Address: pc.Sides[0].Host, DiskPath: pc.Sides[0].Disk, NetSocket: pc.Sides[0].NetSocket}
+	out.Secondary = &pb.Placement{Host: pc.Sides[1].Host, Address: pc.Sides[1].Host, DiskPath: pc.Sides[1].Disk, NetSocket: pc.Sides[1].NetSocket}
+	return out
+}
+
+func tunablesToProto(t checkpoint.Tunables) *pb.Tunables {
+	return &pb.Tunables{CheckpointDelay: durationpb.New(t.CheckpointDelay), CompareTimeout: durationpb.New(t.CompareTimeout),
+		MaxBandwidthBytesPerSecond: t.MaxBandwidth, NoRewriter: t.NoRewriter}
+}
+
+var stateToProto = map[State]pb.PairState{
+	StateStopped: pb.PairState_PAIR_STATE_STOPPED, StateStarting: pb.PairState_PAIR_STATE_STARTING,
+	StateProtecting: pb.PairState_PAIR_STATE_PROTECTING, StateProtected: pb.PairState_PAIR_STATE_PROTECTED,
+	StateDegraded: pb.PairState_PAIR_STATE_DEGRADED, StateFailingOver: pb.PairState_PAIR_STATE_FAILING_OVER,
+	StateReprotecting: pb.PairState_PAIR_STATE_REPROTECTING, StateFailed: pb.PairState_PAIR_STATE_FAILED,
+}
+
+func coloMode(s string) pb.ColoMode {
+	switch s {
+	case "primary":
+		return pb.ColoMode_COLO_MODE_PRIMARY
+	case "secondary":
+		return pb.ColoMode_COLO_MODE_SECONDARY
+	case "none":
+		return pb.ColoMode_COLO_MODE_NONE
+	}
+	return pb.ColoMode_COLO_MODE_UNSPECIFIED
+}
+
+func statsToProto(st checkpoint.Stats) *pb.CheckpointStats {
+	out := &pb.CheckpointStats{Count: st.Checkpoints, EarlyCount: st.Early, RatePerSecond: st.Rate,
+		PauseP50: durationpb.New(st.PauseP50), PauseP99: durationpb.New(st.PauseP99), PauseMax: durationpb.New(st.PauseMax),
+		PauseMean: durationpb.New(st.PauseAvg), LastCheckpointBytes: st.BytesLast, MeanCheckpointBytes: st.BytesAvg}
+	if !st.Last.IsZero() {
+		out.LastCheckpointTime = timestamppb.New(st.Last)
+	}
+	return out
+}
+
+func stepToProto(e *checkpoint.StepEvent) *pb.StepProgress {
+	if e == nil {
+		return nil
+	}
+	ph := map[checkpoint.StepPhase]pb.StepPhase{checkpoint.StepStarted: pb.StepPhase_STEP_PHASE_STARTED,
+		checkpoint.StepDone: pb.StepPhase_STEP_PHASE_DONE, checkpoint.StepFailed: pb.StepPhase_STEP_PHASE_FAILED}[e.Phase]
+	out := &pb.StepProgress{Sequence: e.Sequence, Step: e.Step, Index: uint32(e.Index), Total: uint32(e.Total), Phase: ph, Elapsed: durationpb.New(e.Elapsed)}
+	if e.Err != nil {
+		out.Error = e.Err.Error()
+	}
+	return out
+}
+
+func failoverToProto(f *FailoverRecord, pc PairConfig) *pb.FailoverSummary {
+	if f == nil {
+		return nil
+	}
+	return &pb.FailoverSummary{StartTime: timestamppb.New(f.At), Reason: f.Why, Sequence: f.Sequence,
+		Duration: durationpb.New(f.Took), Succeeded: f.FailedStep == "" && f.Error == "", FailedStep: f.FailedStep, Error: f.Error,
+		Trigger: f.Trigger}
+}
+
+// StatusToProto converts a status.
+func StatusToProto(s Status, pc PairConfig) *pb.PairStatus {
+	out := &pb.PairStatus{
+		State: stateToProto[s.State], StateReason: s.Reason, PrimaryHost: s.PrimaryHost, SecondaryHost: s.SecondaryHost,
+		Generation: uint64(s.Generation), CheckpointStats: statsToProto(s.Checkpoints),
+		Resync:       &pb.ResyncProgress{Offset: uint64(max(s.ResyncOffset, 0)), Length: uint64(max(s.ResyncLength, 0))},
+		LastFailover: failoverToProto(s.LastFailover, pc), CurrentStep: stepToProto(s.Step),
+		Tunables: tunablesToProto(pc.Spec.Tunables), StoreReachable: true,
+		Peer: &pb.PeerStatus{Reachable: true},
+	}
+	if !s.Changed.IsZero() {
+		out.StateChangeTime = timestamppb.New(s.Changed)
+	}
+	p, q := s.PrimarySide, s.PrimarySide.Other()
+	out.Primary = &pb.SideStatus{Running: s.ColoMode[p] != "", ColoMode: coloMode(s.ColoMode[p]), QemuVersion: s.QEMUVersion}
+	out.Secondary = &pb.SideStatus{Running: s.ColoMode[q] != "", ColoMode: coloMode(s.ColoMode[q]), QemuVersion: s.QEMUVersion}
+	return out
+}
+
+func (s *PairServer) pair(name string) (*pb.Pair, error) {
+	st, err := s.Agent.Get(name)
+	if err != nil {
+		return nil, err
+	}
+	pc, err := s.Agent.Config(name)
+	if err != nil {
+		return nil, err
+	}
+	return &pb.Pair{Spec: PairSpecToProto(pc), Status: StatusToProto(st, pc)}, nil
+}
+
+// CreatePair validates the spec and starts the pair.
+func (s *PairServer) CreatePair(ctx context.Context, req *pb.CreatePairRequest) (*pb.CreatePairResponse, error) {
+	pc, err := PairConfigFromProto(req.GetSpec())
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	if _, err := s.Agent.Create(pc); err != nil {
+		return nil, toGRPC(err)
+	}
+	p, err := s.pair(pc.Spec.Name)
+	return &pb.CreatePairResponse{Pair: p}, toGRPC(err)
+}
+
+// GetPair returns a pair's spec and status.
+func (s *PairServer) GetPair(ctx context.Context, req *pb.GetPairRequest) (*pb.GetPairResponse, error) {
+	p, err := s.pair(req.GetName())
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	return &pb.GetPairResponse{Pair: p}, nil
+}
+
+// ListPairs returns every pair.
+func (s *PairServer) ListPairs(ctx context.Context, req *pb.ListPairsRequest) (*pb.ListPairsResponse, error) {
+	out := &pb.ListPairsResponse{}
+	for _, st := range s.Agent.List() {
+		if p, err := s.pair(st.Name); err == nil {
+			out.Pairs = append(out.Pairs, p)
+		}
+	}
+	return out, nil
+}
+
+// DeletePair stops a pair and forgets it.
+func (s *PairServer) DeletePair(ctx context.Context, req *pb.DeletePairRequest) (*pb.DeletePairResponse, error) {
+	return &pb.DeletePairResponse{}, toGRPC(s.Agent.Delete(req.GetName()))
+}
+
+// WatchPair streams the pair's status, then its changes.
+func (s *PairServer) WatchPair(req *pb.WatchPairRequest, stream pb.PairService_WatchPairServer) error {
+	events, err := s.Agent.Watch(stream.Context(), req.GetName())
+	if err != nil {
+		return toGRPC(err)
+	}
+	pc, _ := s.Agent.Config(req.GetName())
+	for ev := range events {
+		pe := &pb.PairEvent{Time: timestamppb.New(ev.Time)}
+		switch ev.Kind {
+		case EventStatus:
+			pe.Event = &pb.PairEvent_Status{Status: StatusToProto(*ev.Status, pc)}
+		case EventState:
+			pe.Event = &pb.PairEvent_StateChange{StateChange: &pb.StateChange{FromState: stateToProto[ev.From], ToState: stateToProto[ev.To], Reason: ev.Reason}}
+		case EventStep:
+			pe.Event = &pb.PairEvent_Step{Step: stepToProto(ev.Step)}
+		case EventCheckpoints:
+			pe.Event = &pb.PairEvent_CheckpointStats{CheckpointStats: statsToProto(*ev.Stats)}
+		case EventResync:
+			pe.Event = &pb.PairEvent_Resync{Resync: &pb.ResyncProgress{Offset: uint64(max(ev.Resync[0], 0)), Length: uint64(max(ev.Resync[1], 0))}}
+		case EventFailover:
+			pe.Event = &pb.PairEvent_Failover{Failover: failoverToProto(ev.Failover, pc)}
+		default:
+			continue
+		}
+		if err := stream.Send(&pb.WatchPairResponse{Event: pe}); err != nil {
+			return err
+		}
+	}
+	if stream.Context().Err() != nil {
+		return nil
+	}
+	return status.Error(codes.NotFound, fmt.Sprintf("pair %q went away", req.GetName()))
+}
+
+// Failover runs a planned switchover or a forced failover and returns when it has finished.
+func (s *PairServer) Failover(ctx context.Context, req *pb.FailoverRequest) (*pb.FailoverResponse, error) {
+	forced := false
+	switch req.GetMode() {
+	case pb.FailoverMode_FAILOVER_MODE_UNSPECIFIED, pb.FailoverMode_FAILOVER_MODE_PLANNED:
+	case pb.FailoverMode_FAILOVER_MODE_FORCED:
+		forced = true
+	default:
+		return nil, status.Error(codes.InvalidArgument, "mode: want PLANNED or FORCED")
+	}
+	before, err := s.Agent.Get(req.GetName())
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	if err := s.Agent.Failover(req.GetName(), forced); err != nil {
+		return nil, toGRPC(err)
+	}
+	// Wait for the failover's end: the state leaves failing-over.
+	for {
+		st, err := s.Agent.Get(req.GetName())
+		if err != nil {
+			return nil, toGRPC(err)
+		}
+		if st.State != StateFailingOver && st.Failovers > before.Failovers {
+			pc, _ := s.Agent.Config(req.GetName())
+			return &pb.FailoverResponse{Failover: failoverToProto(st.LastFailover, pc), Status: StatusToProto(st, pc)}, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, toGRPC(ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Reprotect protects a degraded pair now.
+func (s *PairServer) Reprotect(ctx context.Context, req *pb.ReprotectRequest) (*pb.ReprotectResponse, error) {
+	if err := s.Agent.Reprotect(req.GetName()); err != nil {
+		return nil, toGRPC(err)
+	}
+	p, err := s.pair(req.GetName())
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	return &pb.ReprotectResponse{Status: p.Status}, nil
+}
+
+// SetParameters changes tunables at run time.
+func (s *PairServer) SetParameters(ctx context.Context, req *pb.SetParametersRequest) (*pb.SetParametersResponse, error) {
+	var t checkpoint.Tunables
+	if req.CheckpointDelay != nil {
+		if err := req.CheckpointDelay.CheckValid(); err != nil {
+			return nil, toGRPC(bad("checkpoint_delay", "%v", err))
+		}
+		t.CheckpointDelay = req.CheckpointDelay.AsDuration()
+		if t.CheckpointDelay <= 0 {
+			return nil, toGRPC(bad("checkpoint_delay", "must be positive"))
+		}
+	}
+	if req.CompareTimeout != nil {
+		t.CompareTimeout = req.CompareTimeout.AsDuration()
+	}
+	if req.MaxBandwidthBytesPerSecond != nil {
+		t.MaxBandwidth = req.GetMaxBandwidthBytesPerSecond()
+	}
+	if err := s.Agent.SetParameters(ctx, req.GetName(), t); err != nil {
+		return nil, toGRPC(err)
+	}
+	pc, err := s.Agent.Config(req.GetName())
+	if err != nil {
+		return nil, toGRPC(err)
+	}
+	return &pb.SetParametersResponse{Tunables: tunablesToProto(pc.Spec.Tunables)}, nil
+}

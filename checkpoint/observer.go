@@ -38,6 +38,15 @@ type Observer struct {
 	bytesLast uint64
 	bytesSum  uint64
 	coloExit  *qmp.ColoExitData
+	onCkpt    func(pause time.Duration, early bool)
+}
+
+// OnCheckpoint sets a function called (under the observer's lock: it must not block) at the end
+// of every checkpoint, for cumulative metrics.
+func (o *Observer) OnCheckpoint(f func(pause time.Duration, early bool)) {
+	o.mu.Lock()
+	o.onCkpt = f
+	o.mu.Unlock()
 }
 
 // EarlyFraction of the checkpoint delay separates early checkpoints from timer ones.
@@ -129,8 +138,12 @@ func (o *Observer) Observe(ev *qmp.Event) {
 		}
 		pause := ev.Time.Sub(o.stopAt)
 		// QEMU's checkpoint timer runs from the start of one checkpoint to the start of the next.
-		if !o.lastStop.IsZero() && o.stopAt.Sub(o.lastStop) < time.Duration(float64(o.delay)*EarlyFraction) {
+		early := !o.lastStop.IsZero() && o.stopAt.Sub(o.lastStop) < time.Duration(float64(o.delay)*EarlyFraction)
+		if early {
 			o.early++
+		}
+		if o.onCkpt != nil {
+			o.onCkpt(pause, early)
 		}
 		o.lastStop = o.stopAt
 		o.count++

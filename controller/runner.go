@@ -115,7 +115,8 @@ type runner struct {
 
 	mu        sync.Mutex // guards the fields below, read by status and watch
 	snap      Status
-	pcSnap    PairConfig           // copy of pc for readers outside the run goroutine
+	pcSnap    PairConfig // copy of pc for readers outside the run goroutine
+	metrics   *pairMetrics
 	obs       *checkpoint.Observer // set by protect workers too
 	obsStop   func()
 	watchers2 map[chan Event2]struct{}
@@ -131,6 +132,7 @@ func (a *Agent) newRunner(pc PairConfig, p *Policy) *runner {
 	}
 	r.snap = Status{Name: r.name, State: StateStopped, AutoReprotect: !pc.NoAutoReprotect}
 	r.pcSnap = pc
+	r.metrics = newPairMetrics()
 	return r
 }
 
@@ -521,6 +523,7 @@ func (r *runner) startObserver(prim *checkpoint.VM, os *observerStart) {
 		sub = prim.QMP.Subscribe(checkpoint.ObserverEvents...)
 		obs.Observe(&qmp.Event{Name: qmp.EventMigration, Data: []byte(`{"status":"colo"}`), Time: time.Now()})
 	}
+	obs.OnCheckpoint(r.metrics.checkpoint)
 	octx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); _ = obs.Run(octx, sub) }()

@@ -1,0 +1,315 @@
+// Command lockstepd is lockstep's agent: it runs protected pairs of QEMU VMs, watches them, fails
+// them over and re-protects them by itself, and serves the PairService gRPC API to operators
+// (lockstepctl). This build runs in single-host mode: both sides of every pair on this machine.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+	"gopkg.in/yaml.v3"
+
+	"github.com/lockstepvm/lockstep/checkpoint"
+	"github.com/lockstepvm/lockstep/controller"
+	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
+)
+
+// config holds every setting; the YAML file uses the flag names as keys.
+type config struct {
+	StateDir      string        `yaml:"state-dir"`
+	OverlayDir    string        `yaml:"overlay-dir"`
+	Listen        string        `yaml:"listen"`
+	Insecure      bool          `yaml:"insecure"`
+	TLSCert       string        `yaml:"tls-cert"`
+	TLSKey        string        `yaml:"tls-key"`
+	TLSCA         string        `yaml:"tls-ca"`
+	MetricsListen string        `yaml:"metrics-listen"`
+	LogFormat     string        `yaml:"log-format"`
+	LogLevel      string        `yaml:"log-level"`
+	CheckInterval time.Duration `yaml:"check-interval"`
+	CheckTimeout  time.Duration `yaml:"check-timeout"`
+}
+
+const usage = `lockstepd runs lockstep's agent: it keeps QEMU VMs protected in COLO lockstep, fails them
+over and re-protects them by itself, and serves the gRPC API that lockstepctl talks to.
+
+Usage:
+  lockstepd [flags]
+
+Examples:
+  # The defaults: state in /var/lib/lockstep, API on /run/lockstep/lockstepd.sock (mode 0600).
+  lockstepd
+
+  # A test instance with its own folders and Prometheus metrics on loopback.
+  lockstepd --state-dir /tmp/ls/state --listen unix:///tmp/ls/api.sock --metrics-listen 127.0.0.1:9464
+
+  # TCP with mutual TLS.
+  lockstepd --listen tcp://0.0.0.0:7443 --tls-cert agent.pem --tls-key agent.key --tls-ca ca.pem
+
+SIGTERM or SIGINT stops the agent; the VMs keep running, and the next agent adopts them.
+
+Flags:
+`
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	cfg := config{
+		StateDir: "/var/lib/lockstep", OverlayDir: "/dev/shm/lockstep", Listen: "unix:///run/lockstep/lockstepd.sock",
+		LogFormat: "text", LogLevel: "info", CheckInterval: 100 * time.Millisecond, CheckTimeout: 500 * time.Millisecond,
+	}
+	fs := flag.NewFlagSet("lockstepd", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usage)
+		fs.PrintDefaults()
+	}
+	configFile := fs.String("config", "", "YAML file with settings (keys are the flag names); flags given on the command line win")
+	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "folder for the pairs' specs, state and QEMU runtime files")
+	fs.StringVar(&cfg.OverlayDir, "overlay-dir", cfg.OverlayDir, "folder for the secondaries' disk overlays, emptied at every checkpoint (tmpfs is best)")
+	fs.StringVar(&cfg.Listen, "listen", cfg.Listen, "API address: unix:///path or tcp://host:port (TCP needs --tls-* or --insecure)")
+	fs.BoolVar(&cfg.Insecure, "insecure", false, "allow a TCP listener without TLS")
+	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "server certificate (PEM) for a TCP listener")
+	fs.StringVar(&cfg.TLSKey, "tls-key", "", "server key (PEM)")
+	fs.StringVar(&cfg.TLSCA, "tls-ca", "", "CA (PEM) that client certificates must chain to")
+	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for Prometheus metrics at /metrics (off when empty)")
+	fs.StringVar(&cfg.LogFormat, "log-format", cfg.LogFormat, "log format: text or json")
+	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "log level: debug, info, warn or error")
+	fs.DurationVar(&cfg.CheckInterval, "check-interval", cfg.CheckInterval, "how often each QEMU's health is checked over QMP")
+	fs.DurationVar(&cfg.CheckTimeout, "check-timeout", cfg.CheckTimeout, "a QEMU that does not answer a check within this is taken as hung")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "lockstepd: unexpected argument %q (see --help)\n", fs.Arg(0))
+		return 2
+	}
+	if *configFile != "" {
+		if err := loadConfig(*configFile, &cfg, fs); err != nil {
+			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+			return 2
+		}
+	}
+	log, err := newLogger(cfg.LogFormat, cfg.LogLevel)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+		return 2
+	}
+	lis, creds, err := listen(cfg)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+		return 2
+	}
+	agent, err := controller.NewAgent(controller.AgentConfig{
+		StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Log: log,
+		Watch: checkpoint.WatchConfig{Interval: cfg.CheckInterval, Timeout: cfg.CheckTimeout},
+	})
+	if err != nil {
+		lis.Close()
+		log.Error("cannot start the agent", "err", err)
+		return 1
+	}
+	var opts []grpc.ServerOption
+	if creds != nil {
+		opts = append(opts, grpc.Creds(creds))
+	}
+	srv := grpc.NewServer(opts...)
+	pb.RegisterPairServiceServer(srv, &controller.PairServer{Agent: agent})
+	hs := health.NewServer()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	hs.SetServingStatus(pb.PairService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(srv, hs)
+	reflection.Register(srv)
+
+	var metrics *http.Server
+	if cfg.MetricsListen != "" {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+			agent.WriteMetrics(w)
+		})
+		ml, err := net.Listen("tcp", cfg.MetricsListen)
+		if err != nil {
+			log.Error("metrics listener", "err", err)
+			agent.Close()
+			lis.Close()
+			return 2
+		}
+		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = metrics.Serve(ml) }()
+	}
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(lis) }()
+	log.Info("lockstepd serving", "listen", cfg.Listen, "state-dir", cfg.StateDir, "pairs", len(agent.List()))
+	code := 0
+	select {
+	case s := <-sigs:
+		log.Info("stopping; the VMs keep running", "signal", s.String())
+	case err := <-serveErr:
+		log.Error("API server stopped", "err", err)
+		code = 1
+	}
+	hs.Shutdown()
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(3 * time.Second):
+		srv.Stop() // watch streams never end by themselves
+	}
+	if metrics != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = metrics.Shutdown(ctx)
+		cancel()
+	}
+	agent.Close()
+	return code
+}
+
+// loadConfig reads the YAML file into cfg, except for flags set on the command line.
+func loadConfig(path string, cfg *config, fs *flag.FlagSet) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var fromFile config
+	dec := yaml.NewDecoder(strings.NewReader(string(b)))
+	dec.KnownFields(true)
+	if err := dec.Decode(&fromFile); err != nil {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	// Keep command-line values: re-apply them after the file.
+	var raw map[string]any
+	_ = yaml.Unmarshal(b, &raw)
+	saved := *cfg
+	for k := range raw {
+		if set[k] {
+			continue
+		}
+		switch k {
+		case "state-dir":
+			saved.StateDir = fromFile.StateDir
+		case "overlay-dir":
+			saved.OverlayDir = fromFile.OverlayDir
+		case "listen":
+			saved.Listen = fromFile.Listen
+		case "insecure":
+			saved.Insecure = fromFile.Insecure
+		case "tls-cert":
+			saved.TLSCert = fromFile.TLSCert
+		case "tls-key":
+			saved.TLSKey = fromFile.TLSKey
+		case "tls-ca":
+			saved.TLSCA = fromFile.TLSCA
+		case "metrics-listen":
+			saved.MetricsListen = fromFile.MetricsListen
+		case "log-format":
+			saved.LogFormat = fromFile.LogFormat
+		case "log-level":
+			saved.LogLevel = fromFile.LogLevel
+		case "check-interval":
+			saved.CheckInterval = fromFile.CheckInterval
+		case "check-timeout":
+			saved.CheckTimeout = fromFile.CheckTimeout
+		}
+	}
+	*cfg = saved
+	return nil
+}
+
+func newLogger(format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	o := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, o)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, o)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
+// listen opens the API listener: a unix socket (mode 0600), or TCP with mutual TLS or with an
+// explicit --insecure.
+func listen(cfg config) (net.Listener, credentials.TransportCredentials, error) {
+	switch {
+	case strings.HasPrefix(cfg.Listen, "unix://"):
+		path := strings.TrimPrefix(cfg.Listen, "unix://")
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			return nil, nil, err
+		}
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil, nil, fmt.Errorf("--listen %s: another agent is serving there", cfg.Listen)
+		}
+		_ = os.Remove(path)
+		old := syscall.Umask(0o177)
+		l, err := net.Listen("unix", path)
+		syscall.Umask(old)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--listen %s: %w", cfg.Listen, err)
+		}
+		return l, nil, os.Chmod(path, 0o600)
+	case strings.HasPrefix(cfg.Listen, "tcp://"):
+		addr := strings.TrimPrefix(cfg.Listen, "tcp://")
+		var creds credentials.TransportCredentials
+		switch {
+		case cfg.TLSCert != "" || cfg.TLSKey != "" || cfg.TLSCA != "":
+			if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
+				return nil, nil, errors.New("mutual TLS needs --tls-cert, --tls-key and --tls-ca together")
+			}
+			cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+			if err != nil {
+				return nil, nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+			}
+			caPEM, err := os.ReadFile(cfg.TLSCA)
+			if err != nil {
+				return nil, nil, fmt.Errorf("--tls-ca: %w", err)
+			}
+			pool := x509.NewCertPool()
+			if !pool.AppendCertsFromPEM(caPEM) {
+				return nil, nil, fmt.Errorf("--tls-ca %s: no certificate in it", cfg.TLSCA)
+			}
+			creds = credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool,
+				ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12})
+		case !cfg.Insecure:
+			return nil, nil, fmt.Errorf("--listen %s: TCP needs mutual TLS (--tls-cert, --tls-key, --tls-ca) or an explicit --insecure", cfg.Listen)
+		}
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--listen %s: %w", cfg.Listen, err)
+		}
+		return l, creds, nil
+	}
+	return nil, nil, fmt.Errorf("--listen %q: want unix:///path or tcp://host:port", cfg.Listen)
+}

@@ -6,7 +6,7 @@ GO ?= go
 STATICCHECK_VERSION ?= v0.8.2
 TOOLS := $(BUILD)/tools
 
-.PHONY: all build test unit lint qemu guest bench fuzz clean
+.PHONY: all build test unit lint qemu guest bench fuzz clean proto demo
 
 all: build
 
@@ -49,6 +49,14 @@ bench: qemu guest
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./qmp/
+
+# Regenerate the gRPC code from proto/ (CI checks it with scripts/proto.sh --check --lint).
+proto:
+	bash scripts/proto.sh
+
+# A protected pair on this machine, failed over while a client writes (see scripts/demo.sh).
+demo:
+	bash scripts/demo.sh
 
 clean:
 	rm -rf $(BUILD)/bin $(BUILD)/tools

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# make demo: a protected pair on this machine, failed over while a client writes.
+#
+# It installs what is missing (make qemu, make guest), builds lockstepd and lockstepctl, starts a
+# test LAN (a QEMU hub with a loopback port forwarded to the guest's service), starts lockstepd in
+# single-host mode, creates a pair running the test guest, runs the workload client, kills the
+# primary QEMU, shows what the client saw and the pair's status, waits for the automatic
+# re-protection, and stops everything it started (by PID).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+BUILD=${BUILD:-$here/build}
+export BUILD
+cd "$here"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "preparing QEMU 11.1 and the test guest (cached under $BUILD)"
+make -s qemu guest >/dev/null
+go build -o "$BUILD/bin/" ./cmd/lockstepd ./cmd/lockstepctl ./integration/guest/democlient
+QEMU=$BUILD/bin/qemu11
+QEMU_IMG=$BUILD/bin/qemu-img11
+guest_out=$(bash integration/guest/build.sh 2>/dev/null)
+KERNEL=$(sed -n 's/^kernel=//p' <<<"$guest_out")
+INITRD=$(sed -n 's/^initrd=//p' <<<"$guest_out")
+
+work=$(mktemp -d /tmp/lsdemo.XXXXXX)
+ovl=$(mktemp -d /dev/shm/lsdemo.XXXXXX)
+pids=()
+cleanup() {
+	set +e
+	if [ -S "$work/api.sock" ]; then
+		"$BUILD/bin/lockstepctl" --addr "unix://$work/api.sock" delete db1 >/dev/null 2>&1
+	fi
+	for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+	sleep 0.5
+	for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
+	for s in a b; do
+		[ -f "$work/state/db1/$s/qemu.pid" ] && kill -KILL "$(cat "$work/state/db1/$s/qemu.pid")" 2>/dev/null
+	done
+	rm -rf "$work" "$ovl"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+client_port=$(free_port); hub_a=$(free_port); hub_b=$(free_port)
+
+say "test LAN: a QEMU hub; 127.0.0.1:$client_port is forwarded to the guest's service"
+"$QEMU" -M none -nodefaults -display none \
+	-netdev "user,id=u0,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:$client_port-10.0.2.15:7777" -netdev hubport,id=hu0,hubid=0,netdev=u0 \
+	-netdev "socket,id=s0,listen=127.0.0.1:$hub_a" -netdev hubport,id=hs0,hubid=0,netdev=s0 \
+	-netdev "socket,id=s1,listen=127.0.0.1:$hub_b" -netdev hubport,id=hs1,hubid=0,netdev=s1 \
+	>"$work/hub.log" 2>&1 &
+pids+=($!)
+
+say "lockstepd (single-host mode), API on $work/api.sock"
+"$BUILD/bin/lockstepd" --state-dir "$work/state" --overlay-dir "$ovl" --listen "unix://$work/api.sock" \
+	>"$work/lockstepd.log" 2>&1 &
+pids+=($!)
+ctl() { "$BUILD/bin/lockstepctl" --addr "unix://$work/api.sock" "$@"; }
+for _ in $(seq 100); do [ -S "$work/api.sock" ] && break; sleep 0.1; done
+
+truncate -s 64M "$work/disk-a.raw"
+cat >"$work/db1.yaml" <<YAML
+name: db1
+memoryMib: 128
+vcpus: 1
+machine: pc
+accel: ACCEL_TCG
+kernel: $KERNEL
+initrd: $INITRD
+append: console=ttyS0 quiet panic=-1 lockstep.ip=10.0.2.15/24
+diskSizeBytes: "67108864"
+nic: {mac: "52:54:00:12:34:56", model: e1000, backend: NIC_BACKEND_SOCKET}
+qemuCommand: [$QEMU]
+qemuImgCommand: [$QEMU_IMG]
+tunables: {checkpointDelay: 0.2s}
+primary: {host: 127.0.0.1, diskPath: $work/disk-a.raw, netSocket: "127.0.0.1:$hub_a"}
+secondary: {host: 127.0.0.1, diskPath: $work/disk-b.raw, netSocket: "127.0.0.1:$hub_b"}
+YAML
+say "lockstepctl create -f db1.yaml --wait"
+ctl create -f "$work/db1.yaml" --wait
+
+say "the workload client writes a record every 20 ms on one TCP connection"
+"$BUILD/bin/democlient" --addr "127.0.0.1:$client_port" >"$work/client.log" 2>&1 &
+client=$!
+pids+=("$client")
+for _ in $(seq 300); do grep -q connected "$work/client.log" && break; sleep 0.1; done
+sleep 3
+ctl status db1
+
+say "kill -9 of the primary QEMU (pid $(cat "$work/state/db1/a/qemu.pid"))"
+ctl watch db1 >"$work/watch.log" 2>&1 &
+watcher=$!
+pids+=("$watcher")
+sleep 0.5
+kill -KILL "$(cat "$work/state/db1/a/qemu.pid")"
+for _ in $(seq 600); do
+	ctl status db1 -o json | grep -q '"generation": "2"' && ctl status db1 | grep -q 'state:.*protected ' && break
+	sleep 0.1
+done
+sleep 3
+kill -TERM "$watcher" 2>/dev/null || true
+
+say "what lockstepctl watch showed"
+grep -E "state |failover|step .*done (secondary: x-colo|primary: wait colo)|resync" "$work/watch.log" | head -30
+
+say "the client stops and checks its records on the same connection"
+kill -TERM "$client"
+wait "$client" || { cat "$work/client.log"; exit 1; }
+cat "$work/client.log"
+
+say "lockstepctl status db1 (re-protected automatically)"
+ctl status db1

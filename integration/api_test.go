@@ -260,6 +260,9 @@ func TestAPIOperator(t *testing.T) {
 	if st := waitPair(t, c, pb.PairState_PAIR_STATE_PROTECTED, 1, time.Second); st.GetGeneration() != 1 {
 		t.Fatalf("refused requests changed the pair: %v", st)
 	}
+	t0 := time.Now()
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	t.Logf("10 records after set-parameters in %v", time.Since(t0))
 
 	// Kill the primary QEMU.
 	pidA, err := checkpoint.ReadPID(filepath.Join(stateDir, "db1", "a"))

@@ -139,8 +139,8 @@ func TestCommandLines(t *testing.T) {
 	sside := checkpoint.Side{Host: "127.0.0.1", RunDir: "/run/ls/b", Disk: "/img/p.raw", Active: "/img/a.qcow2", Hidden: "/img/h.qcow2", NetSocket: "127.0.0.1:5001"}
 	sa := checkpoint.SecondaryArgs(s, sside, "10.1.1.1", ports)
 	for _, want := range [][]string{
-		{"-chardev", "socket,id=red0,host=10.1.1.1,port=3,reconnect-ms=1000"},
-		{"-chardev", "socket,id=red1,host=10.1.1.1,port=4,reconnect-ms=1000"},
+		{"-chardev", "socket,id=red0,host=10.1.1.1,port=3,reconnect-ms=100"},
+		{"-chardev", "socket,id=red1,host=10.1.1.1,port=4,reconnect-ms=100"},
 		{"-chardev", "null,id=sink0"},
 		{"-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0,outdev=sink0"},
 		{"-object", "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1"},

@@ -114,9 +114,11 @@ func PrimaryArgs(s Spec, side Side) []string {
 // channels of this generation.
 func SecondaryArgs(s Spec, side Side, primaryHost string, ports Ports) []string {
 	args := commonArgs(s, RoleSecondary, side)
+	// The secondary starts before the primary's channel servers exist and retries until they
+	// do: as often as the QEMU allows (QEMU 7.2 counts in whole seconds).
 	reconnect := "reconnect=1"
 	if s.QEMUVersion.AtLeast(9, 2) {
-		reconnect = "reconnect-ms=1000"
+		reconnect = "reconnect-ms=100"
 	}
 	f1 := fmt.Sprintf("filter-redirector,id=%s,netdev=%s,queue=tx,indev=%s", secF1, NetdevID, secRed0)
 	if s.NIC.Backend == "socket" {

@@ -185,6 +185,12 @@ func protect(name string, c ProtectConfig) Sequence {
 		Step{Name: "primary: wait resync ready", Timeout: resyncTimeout, Run: func(ctx context.Context) error {
 			return waitResync(ctx, p, jobSub, g.ResyncJob(), c.OnResync)
 		}},
+		Step{Name: "primary: wait for the secondary's channels", Timeout: 15 * time.Second, Run: func(ctx context.Context) error {
+			// Until the secondary's red0/red1 are connected, the primary's mirrored input and
+			// the secondary's output would be dropped: the secondary would miss packets and
+			// every comparison would fail.
+			return waitChardevsConnected(ctx, p, chMirror, chCompare)
+		}},
 		Step{Name: "primary: object-add " + objMirror + " (off)", Run: func(ctx context.Context) error {
 			return p.ObjectAdd(ctx, "filter-mirror", objMirror, map[string]any{
 				"netdev": NetdevID, "queue": "tx", "outdev": chMirror, "status": "off"})
@@ -300,6 +306,34 @@ func protect(name string, c ProtectConfig) Sequence {
 			migFile.Close() // QEMU holds its own copy
 		}
 	}}
+}
+
+// waitChardevsConnected polls query-chardev until every named socket server has its client.
+func waitChardevsConnected(ctx context.Context, c *qmp.Client, ids ...string) error {
+	for {
+		list, err := c.QueryChardev(ctx)
+		if err != nil {
+			return err
+		}
+		connected := map[string]bool{}
+		for _, ch := range list {
+			connected[ch.Label] = strings.Contains(ch.Filename, "<->") && !strings.HasPrefix(ch.Filename, "disconnected")
+		}
+		var missing []string
+		for _, id := range ids {
+			if !connected[id] {
+				missing = append(missing, id)
+			}
+		}
+		if len(missing) == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("the secondary never connected to %v: %w", missing, ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // waitMigration waits for a MIGRATION event with the wanted status; failed or cancelled end it.

@@ -326,6 +326,21 @@ func (c *Client) AnnounceSelf(ctx context.Context) error {
 	return c.Execute(ctx, "announce-self", map[string]any{"initial": 50, "max": 550, "rounds": 5, "step": 100}, nil)
 }
 
+// ChardevInfo is one entry of query-chardev.
+type ChardevInfo struct {
+	Label        string `json:"label"`
+	Filename     string `json:"filename"`
+	FrontendOpen bool   `json:"frontend-open"`
+}
+
+// QueryChardev lists the character devices. A connected socket chardev's filename shows its
+// peer after "<->"; a server waiting for its client starts with "disconnected:".
+func (c *Client) QueryChardev(ctx context.Context) ([]ChardevInfo, error) {
+	var out []ChardevInfo
+	err := c.Execute(ctx, "query-chardev", nil, &out)
+	return out, err
+}
+
 // Stop pauses the VM.
 func (c *Client) Stop(ctx context.Context) error { return c.Execute(ctx, "stop", nil, nil) }
 

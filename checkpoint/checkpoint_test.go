@@ -271,7 +271,7 @@ func TestFailoverSequences(t *testing.T) {
 	}
 	wantNames := []string{"secondary: yank migration and channels", "secondary: object-del f1", "secondary: object-del f2",
 		"secondary: nbd-server-stop", "secondary: x-colo-lost-heartbeat", "secondary: announce-self",
-		"secondary: chardev-remove red1", "secondary: chardev-remove red0"}
+		"secondary: object-del rew0", "secondary: chardev-remove red1", "secondary: chardev-remove red0"}
 	if !slices.Equal(names, wantNames) {
 		t.Fatalf("steps %v", names)
 	}

@@ -41,6 +41,7 @@ type writer struct {
 	mu      sync.Mutex
 	acked   uint64
 	ackAt   []time.Time // ackAt[n-1] is when record n was acknowledged
+	sentAt  []time.Time // sentAt[n-1] is when record n was sent
 	maxWait time.Duration
 	err     error
 }
@@ -80,6 +81,7 @@ func (w *writer) run() {
 		}
 		w.acked = n
 		w.ackAt = append(w.ackAt, now)
+		w.sentAt = append(w.sentAt, t0)
 		if d := now.Sub(t0); d > w.maxWait {
 			w.maxWait = d
 		}
@@ -123,6 +125,19 @@ func (w *writer) firstAckAfter(t time.Time) (time.Time, bool) {
 		}
 	}
 	return time.Time{}, false
+}
+
+// inFlightAt describes the record whose ack was the first after t: when it was sent relative
+// to t (negative: before t, so it was in flight at t).
+func (w *writer) inFlightAt(t time.Time) (n int, sentRel, ackRel time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for i, a := range w.ackAt {
+		if a.After(t) {
+			return i + 1, w.sentAt[i].Sub(t), a.Sub(t)
+		}
+	}
+	return 0, 0, 0
 }
 
 func (w *writer) waitAcked(t testing.TB, n uint64, within time.Duration) {
@@ -284,8 +299,9 @@ func failoverReport(t testing.TB, what string, w *writer, kill, detected time.Ti
 	if !ok {
 		t.Fatalf("%s: no reply after the kill", what)
 	}
-	t.Logf("%s: detection %v, QMP sequence %v, first reply %v after the kill",
-		what, detected.Sub(kill).Round(time.Millisecond), seq.Round(time.Millisecond), first.Sub(kill).Round(time.Millisecond))
+	n, sent, _ := w.inFlightAt(kill)
+	t.Logf("%s: detection %v, QMP sequence %v, first reply %v after the kill (record %d, sent %v after the kill)",
+		what, detected.Sub(kill).Round(time.Millisecond), seq.Round(time.Millisecond), first.Sub(kill).Round(time.Millisecond), n, sent.Round(time.Millisecond))
 }
 
 // Issue scenarios 1, 2 and 4: protect (checkpoints observed while a client writes), SIGKILL the

@@ -246,7 +246,8 @@ func DetectVersion(ctx context.Context, qemu []string) (Version, error) {
 	args := append(append([]string(nil), qemu[1:]...), "--version")
 	out, err := exec.CommandContext(ctx, qemu[0], args...).CombinedOutput()
 	if err != nil {
-		return Version{}, fmt.Errorf("%s --version: %v: %s", qemu[0], err, bytes.TrimSpace(out))
+		first, _, _ := bytes.Cut(bytes.TrimSpace(out), []byte("\n"))
+		return Version{}, fmt.Errorf("%s --version: %v: %s", qemu[0], err, first)
 	}
 	m := versionRE.FindSubmatch(out)
 	if m == nil {

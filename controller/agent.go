@@ -129,17 +129,19 @@ func (a *Agent) pairDir(name string) string { return filepath.Join(a.cfg.StateDi
 // A bad config changes nothing.
 func (a *Agent) Create(pc PairConfig) (Status, error) {
 	pc.Spec = pc.Spec.WithDefaults()
+	var verErr error
 	if pc.Spec.QEMUVersion.Major == 0 && len(pc.Spec.QEMU) > 0 {
 		// The command-line forms depend on the QEMU at hand; ask it.
 		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
 		v, err := checkpoint.DetectVersion(ctx, pc.Spec.QEMU)
 		cancel()
 		if err != nil {
-			return Status{}, &checkpoint.FieldError{Field: "qemu_command", Reason: err.Error()}
+			verErr = &checkpoint.FieldError{Field: "qemu_command", Reason: err.Error()}
+			v = checkpoint.Version{Major: 11, Minor: 1} // lets Validate report the other fields
 		}
 		pc.Spec.QEMUVersion = v
 	}
-	if err := pc.Spec.Validate(); err != nil {
+	if err := errors.Join(pc.Spec.Validate(), verErr); err != nil {
 		return Status{}, err
 	}
 	for i, sd := range pc.Sides {

@@ -1,0 +1,102 @@
+package main
+
+import (
+	"context"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+func TestBadUsage(t *testing.T) {
+	dir := t.TempDir()
+	badConfig := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(badConfig, []byte("no-such-setting: 1\n"), 0o600)
+	tests := []struct {
+		name string
+		args []string
+	}{
+		{"tcp without tls", []string{"--state-dir", dir, "--listen", "tcp://127.0.0.1:0"}},
+		{"half of tls", []string{"--state-dir", dir, "--listen", "tcp://127.0.0.1:0", "--tls-cert", "x.pem"}},
+		{"bad listen", []string{"--state-dir", dir, "--listen", "http://x"}},
+		{"bad log format", []string{"--state-dir", dir, "--log-format", "xml"}},
+		{"bad log level", []string{"--state-dir", dir, "--log-level", "loud"}},
+		{"unknown flag", []string{"--frobnicate"}},
+		{"stray argument", []string{"now"}},
+		{"unknown config key", []string{"--config", badConfig}},
+		{"missing config", []string{"--config", filepath.Join(dir, "none.yaml")}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if code := run(tc.args); code != 2 {
+				t.Fatalf("exit %d, want 2", code)
+			}
+		})
+	}
+	if code := run([]string{"--help"}); code != 0 {
+		t.Fatalf("--help: exit %d", code)
+	}
+}
+
+// The agent serves on a 0600 unix socket with gRPC health, takes settings from a config file,
+// and stops on SIGTERM.
+func TestServeAndStop(t *testing.T) {
+	dir, err := os.MkdirTemp("", "lsd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	sock := filepath.Join(dir, "api.sock")
+	cfg := filepath.Join(dir, "lockstepd.yaml")
+	os.WriteFile(cfg, []byte("state-dir: "+filepath.Join(dir, "state")+"\noverlay-dir: "+filepath.Join(dir, "ovl")+"\nlog-format: json\n"), 0o600)
+	done := make(chan int, 1)
+	go func() { done <- run([]string{"--config", cfg, "--listen", "unix://" + sock}) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("lockstepd did not listen")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	st, err := os.Stat(sock)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v %v, want 0600", st.Mode().Perm(), err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state")); err != nil {
+		t.Fatalf("the config file's state-dir was not used: %v", err)
+	}
+	conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	hr, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: "lockstep.v1.PairService"})
+	if err != nil || hr.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health: %v %v", hr, err)
+	}
+	// A second agent on the same socket is refused.
+	if code := run([]string{"--state-dir", filepath.Join(dir, "s2"), "--listen", "unix://" + sock}); code != 2 {
+		t.Fatalf("second agent: exit %d", code)
+	}
+	syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("exit %d after SIGTERM", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("lockstepd did not stop on SIGTERM")
+	}
+}

@@ -240,8 +240,8 @@ var reach = map[State][]string{
 	StateProtecting:   {"start", "booted a"},
 	StateProtected:    {"start", "booted a", "protected 1"},
 	StateFailingOver:  {"start", "booted a", "protected 1", "signal a exited"},
-	StateReprotecting: {"start", "booted a", "protected 1", "signal a exited", "failover-done b", "tick 2"},
-	StateDegraded:     {"start", "booted a", "protected 1", "signal a exited", "failover-done b", "tick 2", "protect-failed 2 nbd refused"},
+	StateReprotecting: {"start", "booted a", "protected 1", "signal a exited", "failover-done b", "tick 5"},
+	StateDegraded:     {"start", "booted a", "protected 1", "signal a exited", "failover-done b", "tick 5", "protect-failed 2 nbd refused"},
 	StateFailed:       {"start", "boot-failed no kvm"},
 }
 

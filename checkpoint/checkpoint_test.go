@@ -269,8 +269,8 @@ func TestFailoverSequences(t *testing.T) {
 	if _, err := checkpoint.FailoverAsSecondary(c2, true).Run(ctx10(t), nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	wantNames := []string{"secondary: yank migration and channels", "secondary: object-del f1", "secondary: object-del f2",
-		"secondary: nbd-server-stop", "secondary: x-colo-lost-heartbeat", "secondary: announce-self",
+	wantNames := []string{"secondary: yank migration and channels", "secondary: nbd-server-stop", "secondary: x-colo-lost-heartbeat",
+		"secondary: object-del f2", "secondary: object-del f1", "secondary: announce-self",
 		"secondary: object-del rew0", "secondary: chardev-remove red1", "secondary: chardev-remove red0"}
 	if !slices.Equal(names, wantNames) {
 		t.Fatalf("steps %v", names)

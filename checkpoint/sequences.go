@@ -500,16 +500,9 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 			return nil
 		}})
 	}
-	// The network filters go first: until f1 goes, every frame the network delivers to this side
-	// is dropped (only the primary's mirrored copy was wanted), and until f2 goes, every reply of
-	// the guest goes to the dead primary. Taking them out before COLO ends narrows the window in
-	// which a client's packet is lost and must wait for its sender's retransmission timer.
-	for _, id := range []string{secF1, secF2} {
-		id := id
-		steps = append(steps, Step{Name: "secondary: object-del " + id, Run: func(ctx context.Context) error {
-			return ignoreMissing(s.ObjectDel(ctx, id))
-		}})
-	}
+	// QEMU's documented order: the NBD export and COLO end first, then the network filters.
+	// (Taking f1 and f2 out before x-colo-lost-heartbeat, to let the network reach the guest a
+	// few milliseconds sooner, went with connections that never recovered from the failover.)
 	steps = append(steps,
 		Step{Name: "secondary: nbd-server-stop", Run: func(ctx context.Context) error {
 			return ignoreMissing(s.NBDServerStop(ctx))
@@ -517,6 +510,14 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 		Step{Name: "secondary: x-colo-lost-heartbeat", Run: func(ctx context.Context) error {
 			return s.XColoLostHeartbeat(ctx)
 		}},
+	)
+	for _, id := range []string{secF2, secF1} {
+		id := id
+		steps = append(steps, Step{Name: "secondary: object-del " + id, Run: func(ctx context.Context) error {
+			return ignoreMissing(s.ObjectDel(ctx, id))
+		}})
+	}
+	steps = append(steps,
 		// A switch or bridge still sends the guest's traffic to the dead primary's port until it
 		// sees the guest's MAC on this side: gratuitous RARPs from the NIC move it at once.
 		Step{Name: "secondary: announce-self", Run: func(ctx context.Context) error {

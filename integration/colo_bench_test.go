@@ -231,7 +231,7 @@ func coloBench(b *testing.B) {
 	fmt.Fprintf(&sb, "  QMP sequence on the secondary             %s\n", spread(seq))
 	fmt.Fprintf(&sb, "  rest (until the in-flight write's ack)    %s\n", spread(rest))
 	fmt.Fprintf(&sb, "  kill -> first ack on the same connection  %s\n", spread(first))
-	fmt.Fprintf(&sb, "  kill -> first reply to a request sent after the failover %s\n", spread(fresh))
+	fmt.Fprintf(&sb, "  kill -> first reply to a ping sent after the failover (second connection, sequential pings) %s\n", spread(fresh))
 	fmt.Fprintf(&sb, "  re-protection (fresh secondary to COLO)   %s\n", spread(reprotect))
 	fmt.Fprintf(&sb, "  records acknowledged: %d, lost: 0 (memory and disk checked), client connection kept\n", total)
 	fmt.Fprintf(&sb, "\nbaseline (DESIGN.md, by hand): pause ~25 ms mean, failover sequence 20-30 ms, first reply 0.35-0.41 s\n")

@@ -59,6 +59,7 @@ func BenchmarkRoundTrip(b *testing.B) {
 		{"raw", "raw", dialRaw},
 		{"raw-id", "raw", dialRawID},
 		{"lockstep", "lockstep", dialLockstep},
+		{"lockstep-nooob", "lockstep", dialLockstepNoOOB},
 		{"goqemu", "goqemu", dialGoQEMU},
 	}, func(b *testing.B, call func() error) {
 		for range b.N {

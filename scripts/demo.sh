@@ -56,7 +56,8 @@ pids+=($!)
 say "lockstepd (single-host mode), API on $work/api.sock"
 "$BUILD/bin/lockstepd" --state-dir "$work/state" --overlay-dir "$ovl" --listen "unix://$work/api.sock" \
 	>"$work/lockstepd.log" 2>&1 &
-pids+=($!)
+agent=$!
+pids+=("$agent")
 ctl() { "$BUILD/bin/lockstepctl" --addr "unix://$work/api.sock" "$@"; }
 for _ in $(seq 100); do [ -S "$work/api.sock" ] && break; sleep 0.1; done
 
@@ -88,6 +89,13 @@ pids+=("$client")
 for _ in $(seq 300); do grep -q connected "$work/client.log" && break; sleep 0.1; done
 sleep 3
 ctl status db1
+
+say "lockstepd's own cost over 10 s with one protected pair"
+ticks() { awk '{print $14+$15}' "/proc/$agent/stat"; }
+t0=$(ticks); sleep 10; t1=$(ticks)
+hz=$(getconf CLK_TCK)
+awk -v a="$t0" -v b="$t1" -v hz="$hz" 'BEGIN{printf "CPU: %.2f%% of one core\n", (b-a)/hz/10*100}'
+grep -E '^VmRSS' "/proc/$agent/status"
 
 say "kill -9 of the primary QEMU (pid $(cat "$work/state/db1/a/qemu.pid"))"
 ctl watch db1 >"$work/watch.log" 2>&1 &

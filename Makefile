@@ -18,8 +18,7 @@ build:
 # every package, integration tests included, under the race detector. Fuzz seed corpora run as
 # ordinary tests.
 test: qemu guest
-	$(GO) vet ./...
-	$(GO) test -race -count=1 -p 1 -timeout 25m ./...
+	bash scripts/test.sh
 
 # Unit tests only: no QEMU needed.
 unit:

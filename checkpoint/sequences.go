@@ -502,7 +502,9 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 	}
 	// QEMU's documented order: the NBD export and COLO end first, then the network filters.
 	// (Taking f1 and f2 out before x-colo-lost-heartbeat, to let the network reach the guest a
-	// few milliseconds sooner, went with connections that never recovered from the failover.)
+	// few milliseconds sooner, went with connections that never recovered from the failover;
+	// those stalls were later traced to a guest kernel oops on the survivor, so the order may
+	// not have mattered, but the documented one is the tested one.)
 	steps = append(steps,
 		Step{Name: "secondary: nbd-server-stop", Run: func(ctx context.Context) error {
 			return ignoreMissing(s.NBDServerStop(ctx))
@@ -531,7 +533,8 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 	// The filter-rewriter goes too. Left on the survivor it keeps re-queueing the packets of
 	// every connection it tracked, and measured on QEMU 11.1.3 such a connection could stall
 	// for good after the failover (3 runs of 3 with a client writing every 20 ms; 0 of 3
-	// without it). Its one use, the sequence offsets of connections opened after the last
+	// without it; later such stalls were traced to a guest kernel oops, so this may have been
+	// chance, see the session notes). Its one use, the sequence offsets of connections opened after the last
 	// checkpoint, is lost with it: those connections break here instead of at the next
 	// protection.
 	steps = append(steps, Step{Name: "secondary: object-del " + secRewriter, Run: func(ctx context.Context) error {

@@ -165,7 +165,10 @@ type Config struct {
 	// 11.1.3 (TCG, a client writing every 20 ms, slirp as its TCP peer): a re-protection that
 	// started 1.7 s after the failover, as the client's retransmission arrived, left the guest
 	// answering nothing while COLO itself went on (2 runs of 2; 3 of 4 when started at once
-	// with the old 1 s channel retry); started 4.5 s after, none of 4 runs did.
+	// with the old 1 s channel retry); started 4.5 s after, none of 4 runs did. Those "guest
+	// answers nothing" runs were later traced to a guest kernel oops in the disk path on the
+	// survivor, which also happens without any re-protection, so the settle period may have
+	// been luck; it stays as a cheap precaution until that is settled.
 	SettleTicks int
 }
 

@@ -3,9 +3,11 @@
 # tests compete for 2 cores).
 #
 # Known intermittent defect, not hidden: after a SIGKILL of the primary, the survivor's guest
-# sometimes stops answering on the network while COLO and the VM go on (seen in about 1 of 5
-# runs of TestAPIOperator, rarer elsewhere; open in the issue notes). A failed integration test is
-# run once more and both outcomes are printed; a second failure fails the run.
+# kernel sometimes oopses in its disk path (sd_init_command) and the workload dies, so the client
+# waits forever while COLO and the VM go on (about 1 run in 3 to 5 of the failover tests; open
+# in the issue notes, likely pages dirtied by disk DMA under TCG missing from checkpoints). A
+# failed integration test is run once more and both outcomes are printed; a second failure
+# fails the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -94,7 +94,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 			a.log.Error("cannot adopt pair", "pair", e.Name(), "err", err)
 			continue
 		}
-		r.publish() // the status is right from the first Get
+		r.publish("") // the status is right from the first Get
 		a.pairs[r.name] = r
 		a.start(r)
 	}

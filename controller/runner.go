@@ -105,7 +105,6 @@ type runner struct {
 	vms      [2]*checkpoint.VM
 	watchers [2]context.CancelFunc
 	worker   context.CancelFunc
-	saved    *persisted // what state.json holds
 	workerWG sync.WaitGroup
 	gen      checkpoint.Generation
 
@@ -190,7 +189,7 @@ func (r *runner) run(ctx context.Context) {
 	if r.policy.State() == StateProtected && r.vms[r.policy.Primary()] != nil {
 		r.startObserver(r.vms[r.policy.Primary()], nil)
 	}
-	r.publish()
+	r.publish("")
 	defer close(r.done)
 	defer func() {
 		if r.worker != nil {
@@ -214,6 +213,7 @@ func (r *runner) run(ctx context.Context) {
 		r.mu.Unlock()
 	}()
 	for {
+		var reason string
 		select {
 		case <-ctx.Done():
 			return
@@ -232,6 +232,7 @@ func (r *runner) run(ctx context.Context) {
 				continue
 			}
 			r.exec(ctx, acts)
+			reason = fmt.Sprintf("%T", req.ev)
 		case in := <-r.events:
 			if in.from != nil && r.current(in.side) != in.from {
 				continue // about a VM that is gone already
@@ -267,7 +268,7 @@ func (r *runner) run(ctx context.Context) {
 				r.broadcast(Event2{Kind: EventCheckpoints, Time: time.Now(), Stats: &st})
 			}
 		}
-		r.publish()
+		r.publish(reason)
 		r.persist()
 	}
 }
@@ -367,7 +368,8 @@ func (r *runner) exec(ctx context.Context, acts []Action) {
 		case ActProtect:
 			r.spawn(ctx, func(wctx context.Context) internal { return r.protect(wctx, a) })
 		case ActFailoverAsSecondary:
-			vm, why := r.vms[a.Side], r.policy.Reason()
+			vm, why, gen := r.vms[a.Side], r.policy.Reason(), r.gen
+			_ = gen
 			r.stopObserver()
 			r.spawn(ctx, func(wctx context.Context) internal {
 				in := r.failover(wctx, a.Side, why, checkpoint.FailoverAsSecondary(vm.QMP, a.Yank))
@@ -472,7 +474,7 @@ func (r *runner) protect(ctx context.Context, a ActProtect) internal {
 	if err != nil {
 		return fail(err)
 	}
-	link, err := checkpoint.ListenMigration(ss.Host)
+	link, err := net.Listen("tcp", net.JoinHostPort(ss.Host, "0"))
 	if err != nil {
 		sec.Kill()
 		return fail(err)
@@ -481,8 +483,8 @@ func (r *runner) protect(ctx context.Context, a ActProtect) internal {
 	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
 	cfg := checkpoint.ProtectConfig{
 		Spec: r.pc.Spec, Gen: g, Primary: prim.QMP, Secondary: sec.QMP,
-		DialMigration:   link.Dial(obs.SetMigrationSocket),
-		AcceptMigration: link.Accept,
+		DialMigration:   dialLink(link, obs),
+		AcceptMigration: acceptLink(link),
 		OnResync: func(off, l int64) {
 			r.mu.Lock()
 			r.snap.ResyncOffset, r.snap.ResyncLength = off, l
@@ -542,6 +544,41 @@ func (r *runner) stopObserver() {
 	r.mu.Unlock()
 	if stop != nil {
 		stop()
+	}
+}
+
+func dialLink(ln net.Listener, obs *checkpoint.Observer) func(context.Context) (*os.File, error) {
+	return func(ctx context.Context) (*os.File, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		f, err := c.(*net.TCPConn).File()
+		if err != nil {
+			return nil, err
+		}
+		if dup, err := c.(*net.TCPConn).File(); err == nil {
+			obs.SetMigrationSocket(dup)
+		}
+		return f, nil
+	}
+}
+
+func acceptLink(ln net.Listener) func(context.Context) (*os.File, error) {
+	return func(ctx context.Context) (*os.File, error) {
+		if tl, ok := ln.(*net.TCPListener); ok {
+			if d, ok := ctx.Deadline(); ok {
+				tl.SetDeadline(d)
+			}
+		}
+		c, err := ln.Accept()
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		return c.(*net.TCPConn).File()
 	}
 }
 
@@ -677,7 +714,7 @@ func (r *runner) status() Status {
 }
 
 // publish refreshes the status snapshot from the policy and tells watchers of a state change.
-func (r *runner) publish() {
+func (r *runner) publish(reason string) {
 	p := r.policy
 	r.mu.Lock()
 	old := r.snap.State
@@ -715,20 +752,15 @@ func (r *runner) publish() {
 		r.log.Info("state", "from", from, "to", to, "reason", why)
 		r.broadcast(Event2{Kind: EventState, Time: time.Now(), From: from, To: to, Reason: why})
 	}
+	_ = reason
 }
 
-// persist saves what a restarted agent needs, when it changed (the loop runs every second).
 func (r *runner) persist() {
 	p := r.policy
 	ps := persisted{Primary: p.Primary(), Gen: p.Generation(), Protected: p.State() == StateProtected, Started: p.State() != StateStopped}
-	if r.saved != nil && *r.saved == ps {
-		return
-	}
-	if err := writeJSON(filepath.Join(r.dir, "state.json"), ps); err != nil {
+	if err := writeJSON(filepath.Join(r.dir, "state.json"), ps); err != nil && !strings.Contains(err.Error(), "no such file") {
 		r.log.Error("saving state", "err", err)
-		return
 	}
-	r.saved = &ps
 }
 
 func (r *runner) broadcast(ev Event2) {

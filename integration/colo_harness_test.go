@@ -131,17 +131,6 @@ func newPairEnv(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay time
 	return e
 }
 
-// migrationLink listens for one generation's migration connection; the test closes it.
-func migrationLink(t testing.TB) *checkpoint.MigrationLink {
-	t.Helper()
-	link, err := checkpoint.ListenMigration("127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { link.Close() })
-	return link
-}
-
 // side makes a new side's folder and a zeroed disk image of the spec's size.
 func (e *pairEnv) side(hubPort int) checkpoint.Side {
 	e.sideN++
@@ -200,6 +189,63 @@ func (e *pairEnv) launch(ctx context.Context, role checkpoint.Role, side checkpo
 func (e *pairEnv) generation() checkpoint.Generation {
 	e.genN++
 	ports := genPorts(freePorts(e.t, 6))
-	ports.Migration = 0 // handed over through a checkpoint.MigrationLink
+	ports.Migration = 0 // handed over through a migrationLink
 	return checkpoint.Generation{N: e.genN, Ports: ports, PrimaryHost: "127.0.0.1", SecondaryHost: "127.0.0.1"}
+}
+
+// migrationLink opens the migration connection in the test process: a loopback listener,
+// DialMigration dials it (and keeps a copy of the primary's end for the observer's TCP_INFO),
+// AcceptMigration returns the secondary's end. Both ends have TCP_NODELAY (Go's default).
+type migrationLink struct {
+	ln net.Listener
+}
+
+func newMigrationLink(t testing.TB) *migrationLink {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return &migrationLink{ln: ln}
+}
+
+func (m *migrationLink) dial(keep func(*os.File)) func(ctx context.Context) (*os.File, error) {
+	return func(ctx context.Context) (*os.File, error) {
+		var d net.Dialer
+		conn, err := d.DialContext(ctx, "tcp", m.ln.Addr().String())
+		if err != nil {
+			return nil, err
+		}
+		defer conn.Close()
+		f, err := conn.(*net.TCPConn).File()
+		if err != nil {
+			return nil, err
+		}
+		if keep != nil {
+			if dup, err := dupFile(f); err == nil {
+				keep(dup)
+			}
+		}
+		return f, nil
+	}
+}
+
+func (m *migrationLink) accept(ctx context.Context) (*os.File, error) {
+	type res struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() { c, err := m.ln.Accept(); ch <- res{c, err} }()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			return nil, r.err
+		}
+		defer r.c.Close()
+		return r.c.(*net.TCPConn).File()
+	case <-ctx.Done():
+		m.ln.Close() // ends the Accept
+		return nil, ctx.Err()
+	}
 }

@@ -21,7 +21,7 @@ func TestColoSmokeNoGuest(t *testing.T) {
 	g := e.generation()
 	s := e.launch(ctx, checkpoint.RoleSecondary, e.side(1), g.Ports)
 	obs := checkpoint.NewObserver(e.spec.Tunables.CheckpointDelay)
-	link := migrationLink(t)
+	link := newMigrationLink(t)
 	sub := p.QMP.Subscribe(checkpoint.ObserverEvents...)
 	octx, ocancel := context.WithCancel(ctx)
 	done := make(chan struct{})
@@ -29,8 +29,8 @@ func TestColoSmokeNoGuest(t *testing.T) {
 	defer func() { ocancel(); <-done; sub.Close(); obs.Close() }()
 	cfg := checkpoint.ProtectConfig{
 		Spec: e.spec, Gen: g, Primary: p.QMP, Secondary: s.QMP,
-		DialMigration:   link.Dial(obs.SetMigrationSocket),
-		AcceptMigration: link.Accept,
+		DialMigration:   link.dial(obs.SetMigrationSocket),
+		AcceptMigration: link.accept,
 		OnResync:        func(off, l int64) { t.Logf("resync %d/%d", off, l) },
 	}
 	seq := checkpoint.StartProtection(cfg)

@@ -4,6 +4,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -20,6 +22,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -58,6 +61,11 @@ Commands:
 Global flags:
   --addr ADDR            the agent's API: unix:///path or tcp://host:port
                          (default $LOCKSTEP_ADDR or ` + defaultAddr + `)
+  --tls-cert FILE        client certificate (PEM) for an agent on tcp:// with mutual TLS
+  --tls-key FILE         the client certificate's key (PEM)
+  --tls-ca FILE          CA (PEM) that the agent's certificate must chain to
+                         (the three go together; without them tcp:// is plaintext,
+                         for an agent started with --insecure)
   --timeout D            how long a command waits for the agent (default 30s)
   -o FORMAT              output: table, json or yaml (default table)
 
@@ -67,12 +75,16 @@ Examples:
   lockstepctl watch db1
   lockstepctl failover db1
   lockstepctl set db1 --checkpoint-delay 500ms
+  lockstepctl --addr tcp://agent1:7443 --tls-cert me.pem --tls-key me.key --tls-ca ca.pem list
 
 Exit codes: 0 done, 1 the operation failed, 2 bad usage or bad input.
 `
 
 type cli struct {
 	addr    string
+	tlsCert string
+	tlsKey  string
+	tlsCA   string
 	timeout time.Duration
 	output  string
 	out     io.Writer
@@ -101,6 +113,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		addr = defaultAddr
 	}
 	gfs.StringVar(&c.addr, "addr", addr, "")
+	gfs.StringVar(&c.tlsCert, "tls-cert", "", "")
+	gfs.StringVar(&c.tlsKey, "tls-key", "", "")
+	gfs.StringVar(&c.tlsCA, "tls-ca", "", "")
 	gfs.DurationVar(&c.timeout, "timeout", 30*time.Second, "")
 	gfs.StringVar(&c.output, "o", "table", "")
 	if err := gfs.Parse(args); err != nil {
@@ -161,26 +176,68 @@ func (c *cli) report(err error) int {
 		return exitUsage
 	case codes.Unavailable:
 		fmt.Fprintf(c.errOut, "  is lockstepd running and serving %s? (--addr or $LOCKSTEP_ADDR)\n", c.addr)
+		if strings.HasPrefix(c.addr, "tcp://") && c.tlsCert == "" {
+			fmt.Fprintln(c.errOut, "  an agent with mutual TLS needs --tls-cert, --tls-key and --tls-ca")
+		}
 	}
 	return exitFailed
 }
 
 func (c *cli) connect() error {
 	target := c.addr
+	creds := insecure.NewCredentials()
+	useTLS := c.tlsCert != "" || c.tlsKey != "" || c.tlsCA != ""
 	switch {
 	case strings.HasPrefix(target, "unix://"):
+		if useTLS {
+			return usagef("--tls-cert, --tls-key and --tls-ca are for a tcp:// address, not %s", c.addr)
+		}
 		target = "unix:" + strings.TrimPrefix(target, "unix://")
 	case strings.HasPrefix(target, "tcp://"):
 		target = "passthrough:///" + strings.TrimPrefix(target, "tcp://")
+		if useTLS {
+			var err error
+			if creds, err = c.clientTLS(); err != nil {
+				return err
+			}
+		}
 	default:
 		return usagef("--addr %q: want unix:///path or tcp://host:port", c.addr)
 	}
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return err
 	}
 	c.conn, c.client = conn, pb.NewPairServiceClient(conn)
 	return nil
+}
+
+// clientTLS loads the client side of mutual TLS from --tls-cert, --tls-key and --tls-ca.
+func (c *cli) clientTLS() (credentials.TransportCredentials, error) {
+	if c.tlsCert == "" || c.tlsKey == "" || c.tlsCA == "" {
+		return nil, usagef("mutual TLS needs --tls-cert, --tls-key and --tls-ca together")
+	}
+	certPEM, err := os.ReadFile(c.tlsCert)
+	if err != nil {
+		return nil, usagef("--tls-cert: %v", err)
+	}
+	keyPEM, err := os.ReadFile(c.tlsKey)
+	if err != nil {
+		return nil, usagef("--tls-key: %v", err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, usagef("--tls-cert %s, --tls-key %s: %v", c.tlsCert, c.tlsKey, err)
+	}
+	caPEM, err := os.ReadFile(c.tlsCA)
+	if err != nil {
+		return nil, usagef("--tls-ca: %v", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, usagef("--tls-ca %s: no certificate in it", c.tlsCA)
+	}
+	return credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS12}), nil
 }
 
 func (c *cli) dispatch(cmd string, args []string) error {
@@ -192,6 +249,9 @@ func (c *cli) dispatch(cmd string, args []string) error {
 	var bandwidth uint64
 	fs.StringVar(&c.output, "o", c.output, "output: table, json or yaml")
 	fs.StringVar(&c.addr, "addr", c.addr, "the agent's API: unix:///path or tcp://host:port")
+	fs.StringVar(&c.tlsCert, "tls-cert", c.tlsCert, "client certificate (PEM) for mutual TLS")
+	fs.StringVar(&c.tlsKey, "tls-key", c.tlsKey, "the client certificate's key (PEM)")
+	fs.StringVar(&c.tlsCA, "tls-ca", c.tlsCA, "CA (PEM) that the agent's certificate must chain to")
 	fs.DurationVar(&c.timeout, "timeout", c.timeout, "how long to wait for the agent")
 	switch cmd {
 	case "create":

@@ -288,9 +288,17 @@ func listen(cfg config) (net.Listener, credentials.TransportCredentials, error) 
 			if cfg.TLSCert == "" || cfg.TLSKey == "" || cfg.TLSCA == "" {
 				return nil, nil, errors.New("mutual TLS needs --tls-cert, --tls-key and --tls-ca together")
 			}
-			cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+			certPEM, err := os.ReadFile(cfg.TLSCert)
 			if err != nil {
-				return nil, nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+				return nil, nil, fmt.Errorf("--tls-cert: %w", err)
+			}
+			keyPEM, err := os.ReadFile(cfg.TLSKey)
+			if err != nil {
+				return nil, nil, fmt.Errorf("--tls-key: %w", err)
+			}
+			cert, err := tls.X509KeyPair(certPEM, keyPEM)
+			if err != nil {
+				return nil, nil, fmt.Errorf("--tls-cert %s, --tls-key %s: %w", cfg.TLSCert, cfg.TLSKey, err)
 			}
 			caPEM, err := os.ReadFile(cfg.TLSCA)
 			if err != nil {

@@ -35,10 +35,21 @@ type ResyncProgress func(offset, length int64)
 
 // ProtectConfig is what StartProtection and Reprotect need.
 type ProtectConfig struct {
-	Spec      Spec
-	Gen       Generation
-	Primary   *qmp.Client
+	Spec    Spec
+	Gen     Generation
+	Primary *qmp.Client
+	// Secondary is the secondary's QMP connection when this process drives both QEMUs. When nil
+	// the sequence is primary-only: another agent prepared the secondary (PrepareSecondary) and
+	// accepts the migration connection itself (IncomingMigration), so DialMigration is required
+	// and AcceptMigration must be nil.
 	Secondary *qmp.Client
+	// SecondaryVersion is the secondary's QEMU version as QEMUVersion reports it, checked against
+	// the primary's when Secondary is nil (COLO needs the same version on both sides). Empty
+	// skips the check.
+	SecondaryVersion string
+	// ConfirmSecondary, when set and Secondary is nil, is the last step: it asks whoever drives
+	// the secondary whether it reached COLO (the local form queries query-colo-status itself).
+	ConfirmSecondary func(ctx context.Context) error
 	// DialMigration, when set, opens the migration connection to the secondary; the socket is
 	// passed to QEMU with getfd and used with "migrate fd:", so the caller keeps a copy to read
 	// TCP_INFO (bytes per checkpoint). When nil, QEMU dials "tcp:" itself.
@@ -97,6 +108,18 @@ func socketBackend(host string, port int, server bool) map[string]any {
 	return map[string]any{"type": "socket", "data": data}
 }
 
+// coloCaps is the migration capability set COLO needs on this QEMU, plus extra.
+func coloCaps(f *qmp.Features, extra ...string) map[string]bool {
+	caps := map[string]bool{qmp.CapXColo: true}
+	if f.ColoNeedsReturnPath {
+		caps[qmp.CapReturnPath] = true
+	}
+	for _, e := range extra {
+		caps[e] = true
+	}
+	return caps
+}
+
 func protect(name string, c ProtectConfig) Sequence {
 	p, s, g := c.Primary, c.Secondary, c.Gen
 	var pf, sf *qmp.Features
@@ -106,30 +129,34 @@ func protect(name string, c ProtectConfig) Sequence {
 	if resyncTimeout == 0 {
 		resyncTimeout = 10 * time.Minute
 	}
-	colo := func(f *qmp.Features, extra ...string) map[string]bool {
-		caps := map[string]bool{qmp.CapXColo: true}
-		if f.ColoNeedsReturnPath {
-			caps[qmp.CapReturnPath] = true
-		}
-		for _, e := range extra {
-			caps[e] = true
-		}
-		return caps
-	}
+	local := s != nil
 	delay := uint32(c.Spec.Tunables.CheckpointDelay / time.Millisecond)
 	compareMS := int(c.Spec.Tunables.CompareTimeout / time.Millisecond)
 
 	steps := []Step{
 		{Name: "probe QEMUs", Timeout: 15 * time.Second, Run: func(ctx context.Context) error {
+			if !local {
+				// Refused before anything touches the primary.
+				if c.DialMigration == nil {
+					return errors.New("no secondary QMP connection and no DialMigration: nothing would open the migration connection to the remote secondary")
+				}
+				if c.AcceptMigration != nil {
+					return errors.New("AcceptMigration set without a secondary QMP connection: only the secondary's own agent can hand it the accepted end")
+				}
+			}
 			var err error
 			if pf, err = p.Features(ctx); err != nil {
 				return fmt.Errorf("primary: %w", err)
 			}
-			if sf, err = s.Features(ctx); err != nil {
-				return fmt.Errorf("secondary: %w", err)
+			secVersion := c.SecondaryVersion
+			if local {
+				if sf, err = s.Features(ctx); err != nil {
+					return fmt.Errorf("secondary: %w", err)
+				}
+				secVersion = sf.Version.String()
 			}
-			if pf.Version.String() != sf.Version.String() {
-				return fmt.Errorf("primary runs QEMU %s, secondary %s: COLO needs the same version on both sides", pf.Version, sf.Version)
+			if secVersion != "" && pf.Version.String() != secVersion {
+				return fmt.Errorf("primary runs QEMU %s, secondary %s: COLO needs the same version on both sides", pf.Version, secVersion)
 			}
 			for _, cp := range []string{qmp.CapXColo, qmp.CapPauseBeforeSwitchover, qmp.CapEvents} {
 				if !pf.HasCapability(cp) {
@@ -143,15 +170,9 @@ func protect(name string, c ProtectConfig) Sequence {
 			jobSub = p.Subscribe(qmp.EventJobStatusChange)
 			return nil
 		}},
-		{Name: "secondary: migrate-set-capabilities", Run: func(ctx context.Context) error {
-			return s.MigrateSetCapabilities(ctx, colo(sf))
-		}},
-		{Name: "secondary: nbd-server-start", Run: func(ctx context.Context) error {
-			return s.NBDServerStart(ctx, g.SecondaryHost, strconv.Itoa(g.Ports.NBD))
-		}},
-		{Name: "secondary: nbd-server-add " + ReplicaNode, Run: func(ctx context.Context) error {
-			return s.NBDServerAdd(ctx, ReplicaNode, true)
-		}},
+	}
+	if local {
+		steps = append(steps, secondarySteps(s, g, func() *qmp.Features { return sf })...)
 	}
 	for _, ch := range []struct {
 		id      string
@@ -212,7 +233,7 @@ func protect(name string, c ProtectConfig) Sequence {
 				"iothread": objIOThread, "compare_timeout": compareMS})
 		}},
 		Step{Name: "primary: migrate-set-capabilities", Run: func(ctx context.Context) error {
-			return p.MigrateSetCapabilities(ctx, colo(pf, qmp.CapEvents, qmp.CapPauseBeforeSwitchover))
+			return p.MigrateSetCapabilities(ctx, coloCaps(pf, qmp.CapEvents, qmp.CapPauseBeforeSwitchover))
 		}},
 		Step{Name: "primary: migrate-set-parameters", Run: func(ctx context.Context) error {
 			params := qmp.MigrationParameters{XCheckpointDelay: &delay}
@@ -239,7 +260,7 @@ func protect(name string, c ProtectConfig) Sequence {
 			if err := p.Migrate(ctx, "fd:"+g.MigrationFD()); err != nil {
 				return err
 			}
-			if c.AcceptMigration == nil {
+			if !local || c.AcceptMigration == nil {
 				return nil
 			}
 			in, err := c.AcceptMigration(ctx)
@@ -247,13 +268,7 @@ func protect(name string, c ProtectConfig) Sequence {
 				return fmt.Errorf("accepting the migration connection: %w", err)
 			}
 			defer in.Close() // QEMU holds its own copy
-			if err := s.GetFD(ctx, g.MigrationFD(), in); err != nil {
-				return fmt.Errorf("secondary: %w", err)
-			}
-			if err := s.MigrateIncoming(ctx, "fd:"+g.MigrationFD()); err != nil {
-				return fmt.Errorf("secondary: %w", err)
-			}
-			return nil
+			return IncomingMigration(ctx, s, g, in)
 		}},
 		Step{Name: "primary: wait pre-switchover", Timeout: 5 * time.Minute, Run: func(ctx context.Context) error {
 			return waitMigration(ctx, migSub, qmp.MigrationPreSwitchover)
@@ -284,17 +299,15 @@ func protect(name string, c ProtectConfig) Sequence {
 		Step{Name: "primary: wait colo", Timeout: 60 * time.Second, Run: func(ctx context.Context) error {
 			return waitMigration(ctx, migSub, qmp.MigrationColo)
 		}},
-		Step{Name: "secondary: query-colo-status", Run: func(ctx context.Context) error {
-			st, err := s.QueryColoStatus(ctx)
-			if err != nil {
-				return err
-			}
-			if st.Mode != qmp.ColoModeSecondary {
-				return fmt.Errorf("secondary reports COLO mode %q", st.Mode)
-			}
-			return nil
-		}},
 	)
+	switch {
+	case local:
+		steps = append(steps, Step{Name: "secondary: query-colo-status", Run: func(ctx context.Context) error {
+			return SecondaryInColo(ctx, s)
+		}})
+	case c.ConfirmSecondary != nil:
+		steps = append(steps, Step{Name: "secondary: confirm colo", Run: c.ConfirmSecondary})
+	}
 	return Sequence{Name: name, Steps: steps, Finally: func() {
 		if migSub != nil {
 			migSub.Close()

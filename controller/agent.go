@@ -32,6 +32,9 @@ type SideConfig struct {
 	Disk string `json:"disk"`
 	// NetSocket is the side's port on the test hub (NIC backend socket).
 	NetSocket string `json:"net_socket,omitempty"`
+	// Agent names the host whose agent runs this side, for pairs that span two hosts; empty in
+	// single-host mode.
+	Agent string `json:"agent,omitempty"`
 }
 
 // PairConfig is what an operator asks for: a VM and where its two sides run.

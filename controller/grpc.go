@@ -16,11 +16,25 @@ import (
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 )
 
-// PairServer is the gRPC adapter of PairService over an Agent: it converts requests, calls the
-// agent and converts errors to codes at the edge. No policy lives here.
+// PairAgent is what PairServer serves: the single-host Agent, or the ClusterAgent of a host
+// whose pairs span two hosts.
+type PairAgent interface {
+	Create(pc PairConfig) (Status, error)
+	Get(name string) (Status, error)
+	Config(name string) (PairConfig, error)
+	List() []Status
+	Delete(name string) error
+	Failover(name string, forced bool) error
+	Reprotect(name string) error
+	SetParameters(ctx context.Context, name string, t checkpoint.Tunables) error
+	Watch(ctx context.Context, name string) (<-chan Event2, error)
+}
+
+// PairServer is the gRPC adapter of PairService over a PairAgent: it converts requests, calls
+// the agent and converts errors to codes at the edge. No policy lives here.
 type PairServer struct {
 	pb.UnimplementedPairServiceServer
-	Agent *Agent
+	Agent PairAgent
 }
 
 // toGRPC maps the agent's errors to gRPC codes.
@@ -35,6 +49,8 @@ func toGRPC(err error) error {
 	case errors.Is(err, ErrExists):
 		return status.Error(codes.AlreadyExists, err.Error())
 	case errors.Is(err, ErrWrongState):
+		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, ErrStaleEpoch):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.As(err, &fe):
 		st := status.New(codes.InvalidArgument, err.Error())
@@ -136,6 +152,9 @@ func PairConfigFromProto(s *pb.PairSpec) (PairConfig, error) {
 			host = pl.GetHost()
 		}
 		pc.Sides[i] = SideConfig{Host: host, Disk: pl.GetDiskPath(), NetSocket: pl.GetNetSocket()}
+		if pl.GetAddress() != "" && pl.GetHost() != "" && pl.GetHost() != pl.GetAddress() {
+			pc.Sides[i].Agent = pl.GetHost() // two hosts: host names the agent, address its data address
+		}
 	}
 	pc.NoAutoReprotect = !s.AutoReprotectEnabled()
 	return pc, nil
@@ -154,8 +173,14 @@ func PairSpecToProto(pc PairConfig) *pb.PairSpec {
 		QemuCommand: sp.QEMU, QemuImgCommand: sp.QEMUImg, Tunables: tunablesToProto(sp.Tunables),
 		AutoReprotect: &auto,
 	}
-	out.Primary = &pb.Placement{Host: pc.Sides[0].Host, Address: pc.Sides[0].Host, DiskPath: pc.Sides[0].Disk, NetSocket: pc.Sides[0].NetSocket}
-	out.Secondary = &pb.Placement{Host: pc.Sides[1].Host, Address: pc.Sides[1].Host, DiskPath: pc.Sides[1].Disk, NetSocket: pc.Sides[1].NetSocket}
+	pl := func(sc SideConfig) *pb.Placement {
+		host := sc.Host
+		if sc.Agent != "" {
+			host = sc.Agent
+		}
+		return &pb.Placement{Host: host, Address: sc.Host, DiskPath: sc.Disk, NetSocket: sc.NetSocket}
+	}
+	out.Primary, out.Secondary = pl(pc.Sides[0]), pl(pc.Sides[1])
 	return out
 }
 
@@ -223,7 +248,14 @@ func StatusToProto(s Status, pc PairConfig) *pb.PairStatus {
 		Resync:       &pb.ResyncProgress{Offset: uint64(max(s.ResyncOffset, 0)), Length: uint64(max(s.ResyncLength, 0))},
 		LastFailover: failoverToProto(s.LastFailover, pc), CurrentStep: stepToProto(s.Step),
 		Tunables: tunablesToProto(pc.Spec.Tunables), StoreReachable: true,
-		Peer: &pb.PeerStatus{Reachable: true},
+		Peer: &pb.PeerStatus{Reachable: true}, Epoch: s.Epoch,
+	}
+	if s.Cluster {
+		out.StoreReachable = s.StoreReachable
+		out.Peer = &pb.PeerStatus{Reachable: s.PeerReachable}
+		if !s.LastHeartbeat.IsZero() {
+			out.Peer.LastHeartbeatTime = timestamppb.New(s.LastHeartbeat)
+		}
 	}
 	if !s.Changed.IsZero() {
 		out.StateChangeTime = timestamppb.New(s.Changed)

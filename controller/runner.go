@@ -38,6 +38,14 @@ type Status struct {
 	CheckpointTime time.Duration
 	// Changed is when the state last changed.
 	Changed time.Time
+	// Cluster: the pair spans two hosts, and the fields below say how this host sees it.
+	Cluster        bool
+	Epoch          uint64
+	StoreReachable bool
+	PeerReachable  bool
+	LastHeartbeat  time.Time
+	// Role is this host's role in a pair that spans two hosts.
+	Role HostRole
 }
 
 // FailoverRecord describes the last failover.

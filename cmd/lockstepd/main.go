@@ -29,6 +29,7 @@ import (
 
 	"github.com/lockstepvm/lockstep/checkpoint"
 	"github.com/lockstepvm/lockstep/controller"
+	"github.com/lockstepvm/lockstep/coord"
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 )
 
@@ -46,6 +47,17 @@ type config struct {
 	LogLevel      string        `yaml:"log-level"`
 	CheckInterval time.Duration `yaml:"check-interval"`
 	CheckTimeout  time.Duration `yaml:"check-timeout"`
+	// Two hosts: this agent's name and peer address, the store, the timings.
+	Host              string        `yaml:"host"`
+	PeerListen        string        `yaml:"peer-listen"`
+	EtcdEndpoints     string        `yaml:"etcd-endpoints"`
+	EtcdCert          string        `yaml:"etcd-cert"`
+	EtcdKey           string        `yaml:"etcd-key"`
+	EtcdCA            string        `yaml:"etcd-ca"`
+	EtcdServe         string        `yaml:"etcd-serve"`
+	HeartbeatInterval time.Duration `yaml:"heartbeat-interval"`
+	HeartbeatTimeout  time.Duration `yaml:"heartbeat-timeout"`
+	LeaseTTL          time.Duration `yaml:"lease-ttl"`
 }
 
 const usage = `lockstepd runs lockstep's agent: it keeps QEMU VMs protected in COLO lockstep, fails them
@@ -63,6 +75,13 @@ Examples:
 
   # TCP with mutual TLS.
   lockstepd --listen tcp://0.0.0.0:7443 --tls-cert agent.pem --tls-key agent.key --tls-ca ca.pem
+
+  # Pairs spanning two hosts: this host is "hosta", its peers reach it on 10.0.0.1:7444, and the
+  # pairs' specs and primary leases live in etcd.
+  lockstepd --host hosta --peer-listen 10.0.0.1:7444 --etcd-endpoints http://10.0.0.9:2379
+
+  # The host of the coordination store itself: an etcd server inside lockstepd.
+  lockstepd --etcd-serve http://10.0.0.9:2379
 
 SIGTERM or SIGINT stops the agent; the VMs keep running, and the next agent adopts them.
 
@@ -96,6 +115,16 @@ func run(args []string) int {
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "log level: debug, info, warn or error")
 	fs.DurationVar(&cfg.CheckInterval, "check-interval", cfg.CheckInterval, "how often each QEMU's health is checked over QMP")
 	fs.DurationVar(&cfg.CheckTimeout, "check-timeout", cfg.CheckTimeout, "a QEMU that does not answer a check within this is taken as hung")
+	fs.StringVar(&cfg.Host, "host", "", "this agent's host name, as pair placements name it (two-host mode; default: the machine's host name)")
+	fs.StringVar(&cfg.PeerListen, "peer-listen", "", "host:port for the peer agents' PeerService; turns on two-host mode (pairs in the store, leases, fencing)")
+	fs.StringVar(&cfg.EtcdEndpoints, "etcd-endpoints", "", "comma-separated etcd client URLs of the coordination store (two-host mode; empty: an etcd server inside lockstepd, data in the state folder)")
+	fs.StringVar(&cfg.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd over TLS")
+	fs.StringVar(&cfg.EtcdKey, "etcd-key", "", "client key (PEM) for etcd over TLS")
+	fs.StringVar(&cfg.EtcdCA, "etcd-ca", "", "CA (PEM) of the etcd servers")
+	fs.StringVar(&cfg.EtcdServe, "etcd-serve", "", "serve an etcd server inside lockstepd at this client URL, data in the state folder (e.g. http://10.0.0.9:2379)")
+	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 100*time.Millisecond, "how often agents exchange heartbeats (two-host mode)")
+	fs.DurationVar(&cfg.HeartbeatTimeout, "heartbeat-timeout", 500*time.Millisecond, "a peer not heard from for this long is unreachable")
+	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", time.Second, "the primary lease's time to live, whole seconds (a lost host fails over about this long after it died)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -122,21 +151,45 @@ func run(args []string) int {
 		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
 		return 2
 	}
-	agent, err := controller.NewAgent(controller.AgentConfig{
-		StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Log: log,
-		Watch: checkpoint.WatchConfig{Interval: cfg.CheckInterval, Timeout: cfg.CheckTimeout},
-	})
-	if err != nil {
-		lis.Close()
-		log.Error("cannot start the agent", "err", err)
-		return 1
-	}
+	watchCfg := checkpoint.WatchConfig{Interval: cfg.CheckInterval, Timeout: cfg.CheckTimeout}
 	var opts []grpc.ServerOption
 	if creds != nil {
 		opts = append(opts, grpc.Creds(creds))
 	}
 	srv := grpc.NewServer(opts...)
-	pb.RegisterPairServiceServer(srv, &controller.PairServer{Agent: agent})
+	var emb *coord.Embedded
+	if cfg.EtcdServe != "" || (cfg.PeerListen != "" && cfg.EtcdEndpoints == "") {
+		url := cfg.EtcdServe
+		emb, err = coord.StartEmbedded(coord.EmbeddedConfig{Dir: filepath.Join(cfg.StateDir, "etcd"), ClientURL: url, Log: log})
+		if err != nil {
+			lis.Close()
+			log.Error("cannot start the embedded etcd server", "err", err)
+			return 1
+		}
+		defer emb.Close()
+		log.Info("etcd server inside lockstepd", "endpoints", emb.Endpoints())
+	}
+	var agent *controller.Agent
+	var pairAgent controller.PairAgent
+	var cleanup func()
+	if cfg.PeerListen != "" {
+		ca, stop, err := startCluster(cfg, emb, srv, log, watchCfg)
+		if err != nil {
+			lis.Close()
+			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+			return 2
+		}
+		pairAgent, cleanup = ca, stop
+	} else {
+		agent, err = controller.NewAgent(controller.AgentConfig{StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Log: log, Watch: watchCfg})
+		if err != nil {
+			lis.Close()
+			log.Error("cannot start the agent", "err", err)
+			return 1
+		}
+		pairAgent, cleanup = agent, agent.Close
+	}
+	pb.RegisterPairServiceServer(srv, &controller.PairServer{Agent: pairAgent})
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus(pb.PairService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
@@ -148,12 +201,14 @@ func run(args []string) int {
 		mux := http.NewServeMux()
 		mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
 			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-			agent.WriteMetrics(w)
+			if agent != nil {
+				agent.WriteMetrics(w)
+			}
 		})
 		ml, err := net.Listen("tcp", cfg.MetricsListen)
 		if err != nil {
 			log.Error("metrics listener", "err", err)
-			agent.Close()
+			cleanup()
 			lis.Close()
 			return 2
 		}
@@ -165,7 +220,7 @@ func run(args []string) int {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(lis) }()
-	log.Info("lockstepd serving", "listen", cfg.Listen, "state-dir", cfg.StateDir, "pairs", len(agent.List()))
+	log.Info("lockstepd serving", "listen", cfg.Listen, "state-dir", cfg.StateDir, "pairs", len(pairAgent.List()))
 	code := 0
 	select {
 	case s := <-sigs:
@@ -187,8 +242,62 @@ func run(args []string) int {
 		_ = metrics.Shutdown(ctx)
 		cancel()
 	}
-	agent.Close()
+	cleanup()
 	return code
+}
+
+// startCluster starts two-host mode: the store client, the cluster agent and its PeerService
+// listener. The returned function stops them.
+func startCluster(cfg config, emb *coord.Embedded, srv *grpc.Server, log *slog.Logger, watch checkpoint.WatchConfig) (*controller.ClusterAgent, func(), error) {
+	host := cfg.Host
+	if host == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, nil, fmt.Errorf("--host: %w", err)
+		}
+		host = h
+	}
+	var endpoints []string
+	for _, e := range strings.Split(cfg.EtcdEndpoints, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			endpoints = append(endpoints, e)
+		}
+	}
+	if len(endpoints) == 0 && emb != nil {
+		endpoints = emb.Endpoints()
+	}
+	ec := coord.EtcdConfig{Endpoints: endpoints, Log: log}
+	if cfg.EtcdCert != "" || cfg.EtcdKey != "" || cfg.EtcdCA != "" {
+		t, err := coord.TLSConfig(cfg.EtcdCert, cfg.EtcdKey, cfg.EtcdCA)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--etcd-cert/--etcd-key/--etcd-ca: %w", err)
+		}
+		ec.TLS = t
+	}
+	store, err := coord.NewEtcd(ec)
+	if err != nil {
+		return nil, nil, err
+	}
+	pl, err := net.Listen("tcp", cfg.PeerListen)
+	if err != nil {
+		store.Close()
+		return nil, nil, fmt.Errorf("--peer-listen %s: %w", cfg.PeerListen, err)
+	}
+	ca, err := controller.NewClusterAgent(controller.ClusterConfig{
+		Host: host, PeerAddr: pl.Addr().String(), StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Store: store, Log: log, Watch: watch,
+		HeartbeatInterval: cfg.HeartbeatInterval, HeartbeatTimeout: cfg.HeartbeatTimeout, LeaseTTL: cfg.LeaseTTL,
+	})
+	if err != nil {
+		pl.Close()
+		store.Close()
+		return nil, nil, err
+	}
+	// The peer service has its own listener: the agents' network, not the operators'.
+	psrv := grpc.NewServer()
+	pb.RegisterPeerServiceServer(psrv, &controller.PeerServer{Agent: ca})
+	go func() { _ = psrv.Serve(pl) }()
+	log.Info("two-host mode", "host", host, "peer-listen", pl.Addr().String(), "etcd", endpoints)
+	return ca, func() { psrv.Stop(); ca.Close(); store.Close() }, nil
 }
 
 // loadConfig reads the YAML file into cfg, except for flags set on the command line.

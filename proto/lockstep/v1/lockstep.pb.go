@@ -2786,7 +2786,14 @@ type PeerSideState struct {
 	// Whether this agent reaches the coordination store.
 	StoreReachable bool `protobuf:"varint,5,opt,name=store_reachable,json=storeReachable,proto3" json:"store_reachable,omitempty"`
 	// The protection generation this side's QEMU belongs to; 0 when none.
-	Generation    uint64 `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
+	Generation uint64 `protobuf:"varint,6,opt,name=generation,proto3" json:"generation,omitempty"`
+	// The side's detailed role as its agent's policy names it: idle, booting, primary,
+	// protecting, going-alone, joining, secondary, taking-over or failed.
+	PolicyRole string `protobuf:"bytes,7,opt,name=policy_role,json=policyRole,proto3" json:"policy_role,omitempty"`
+	// Whether the side is a primary whose QEMU is frozen because its lease could expire.
+	Fenced bool `protobuf:"varint,8,opt,name=fenced,proto3" json:"fenced,omitempty"`
+	// Whether the side's QEMU is in COLO of this generation (as primary or secondary).
+	Colo          bool `protobuf:"varint,9,opt,name=colo,proto3" json:"colo,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2861,6 +2868,27 @@ func (x *PeerSideState) GetGeneration() uint64 {
 		return x.Generation
 	}
 	return 0
+}
+
+func (x *PeerSideState) GetPolicyRole() string {
+	if x != nil {
+		return x.PolicyRole
+	}
+	return ""
+}
+
+func (x *PeerSideState) GetFenced() bool {
+	if x != nil {
+		return x.Fenced
+	}
+	return false
+}
+
+func (x *PeerSideState) GetColo() bool {
+	if x != nil {
+		return x.Colo
+	}
+	return false
 }
 
 // StaleEpoch is the error detail of a PeerService request refused for its fencing epoch.
@@ -3742,7 +3770,7 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x1emax_bandwidth_bytes_per_second\x18\x04 \x01(\x04H\x00R\x1amaxBandwidthBytesPerSecond\x88\x01\x01B!\n" +
 	"\x1f_max_bandwidth_bytes_per_second\"J\n" +
 	"\x15SetParametersResponse\x121\n" +
-	"\btunables\x18\x01 \x01(\v2\x15.lockstep.v1.TunablesR\btunables\"\xea\x01\n" +
+	"\btunables\x18\x01 \x01(\v2\x15.lockstep.v1.TunablesR\btunables\"\xb7\x02\n" +
 	"\rPeerSideState\x12\x12\n" +
 	"\x04host\x18\x01 \x01(\tR\x04host\x12%\n" +
 	"\x04role\x18\x02 \x01(\x0e2\x11.lockstep.v1.RoleR\x04role\x122\n" +
@@ -3751,7 +3779,11 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x0fstore_reachable\x18\x05 \x01(\bR\x0estoreReachable\x12\x1e\n" +
 	"\n" +
 	"generation\x18\x06 \x01(\x04R\n" +
-	"generation\"V\n" +
+	"generation\x12\x1f\n" +
+	"\vpolicy_role\x18\a \x01(\tR\n" +
+	"policyRole\x12\x16\n" +
+	"\x06fenced\x18\b \x01(\bR\x06fenced\x12\x12\n" +
+	"\x04colo\x18\t \x01(\bR\x04colo\"V\n" +
 	"\n" +
 	"StaleEpoch\x12#\n" +
 	"\rrequest_epoch\x18\x01 \x01(\x04R\frequestEpoch\x12#\n" +

@@ -1,0 +1,381 @@
+package controller
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/lockstepvm/lockstep/checkpoint"
+	"github.com/lockstepvm/lockstep/coord"
+)
+
+// ClusterStore is what a ClusterAgent needs of the coordination store (coord.Etcd has it all).
+type ClusterStore interface {
+	coord.Store
+	Record(ctx context.Context, pair string) ([]byte, error)
+	Mark(ctx context.Context, h coord.Held, record []byte) error
+	RegisterAgent(ctx context.Context, host, addr string) error
+	AgentAddr(ctx context.Context, host string) (string, error)
+}
+
+// ClusterConfig configures a ClusterAgent: one host's agent for pairs that span two hosts.
+type ClusterConfig struct {
+	// Host is this agent's name, as pair placements name it.
+	Host string
+	// PeerAddr is the address (host:port) at which this agent serves PeerService; it is
+	// published in the store for the peers.
+	PeerAddr string
+	// PeerCreds secure the connections to peer agents (insecure when nil).
+	PeerCreds credentials.TransportCredentials
+	StateDir  string
+	// OverlayDir holds the secondaries' overlays (tmpfs is best).
+	OverlayDir string
+	Store      ClusterStore
+	Log        *slog.Logger
+	Watch      checkpoint.WatchConfig
+	// Tick is the policy's logical tick (100 ms by default); the timings below are rounded to
+	// whole ticks.
+	Tick time.Duration
+	// HeartbeatInterval (100 ms), HeartbeatTimeout (500 ms) and LeaseTTL (1 s; the store's
+	// granularity is whole seconds) are the failure-detection timings. A host loss fails over
+	// about LeaseTTL after the host died; a QEMU crash hands over at once.
+	HeartbeatInterval, HeartbeatTimeout, LeaseTTL time.Duration
+	// FenceMargin is how long before its lease could expire a primary freezes its VM (250 ms).
+	FenceMargin time.Duration
+}
+
+func (c *ClusterConfig) defaults() error {
+	if c.Host == "" {
+		return errors.New("cluster: the agent needs a host name")
+	}
+	if c.Store == nil {
+		return errors.New("cluster: no coordination store")
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	if c.OverlayDir == "" {
+		c.OverlayDir = filepath.Join(c.StateDir, "overlays")
+	}
+	set := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	set(&c.Tick, 100*time.Millisecond)
+	set(&c.HeartbeatInterval, 100*time.Millisecond)
+	set(&c.HeartbeatTimeout, 500*time.Millisecond)
+	set(&c.LeaseTTL, time.Second)
+	set(&c.FenceMargin, 250*time.Millisecond)
+	if c.LeaseTTL%time.Second != 0 {
+		return fmt.Errorf("cluster: lease TTL %v: the store counts leases in whole seconds", c.LeaseTTL)
+	}
+	if _, err := NewHostPolicy(c.hostConfig(true), c.Host); err != nil {
+		return err
+	}
+	return nil
+}
+
+func (c *ClusterConfig) ticks(d time.Duration) int { return int((d + c.Tick - 1) / c.Tick) }
+
+func (c *ClusterConfig) hostConfig(auto bool) HostConfig {
+	ttl := c.ticks(c.LeaseTTL)
+	return HostConfig{
+		HeartbeatTimeout: c.ticks(c.HeartbeatTimeout), LeaseTTL: ttl, FenceMargin: c.ticks(c.FenceMargin),
+		RenewEvery: max(1, ttl/5), AcquireEvery: max(1, c.ticks(c.HeartbeatInterval)*2), StandDownAfter: 3 * ttl,
+		AutoReprotect: auto, RetryTicks: c.ticks(time.Second), MaxRetryTicks: c.ticks(30 * time.Second),
+	}
+}
+
+// ClusterAgent runs this host's side of every pair placed on it. Pair specs live in the store;
+// every agent watches them and runs a hostRunner for each pair it has a side of.
+type ClusterAgent struct {
+	cfg    ClusterConfig
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	runners map[string]*hostRunner
+	conns   map[string]*grpc.ClientConn // peer agents by host
+}
+
+// NewClusterAgent registers the agent in the store and starts following the pairs placed on
+// this host. The store may be down: the agent keeps trying.
+func NewClusterAgent(cfg ClusterConfig) (*ClusterAgent, error) {
+	if err := cfg.defaults(); err != nil {
+		return nil, err
+	}
+	for _, d := range []string{cfg.StateDir, cfg.OverlayDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, err
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	a := &ClusterAgent{cfg: cfg, log: cfg.Log, ctx: ctx, cancel: cancel, runners: map[string]*hostRunner{}, conns: map[string]*grpc.ClientConn{}}
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); a.follow(ctx) }()
+	return a, nil
+}
+
+// Close stops the agent's goroutines. The QEMUs keep running.
+func (a *ClusterAgent) Close() {
+	a.cancel()
+	a.wg.Wait()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, c := range a.conns {
+		c.Close()
+	}
+}
+
+// follow registers the agent and runs a runner for each pair of this host, as the store says.
+func (a *ClusterAgent) follow(ctx context.Context) {
+	for {
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := a.cfg.Store.RegisterAgent(rctx, a.cfg.Host, a.cfg.PeerAddr)
+		cancel()
+		if err == nil {
+			break
+		}
+		a.log.Warn("cannot register in the store; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	for ev := range a.cfg.Store.WatchPairs(ctx) {
+		if ev.Deleted {
+			a.drop(ev.Name)
+			continue
+		}
+		var pc PairConfig
+		if err := json.Unmarshal(ev.Value, &pc); err != nil {
+			a.log.Error("unreadable pair in the store", "pair", ev.Name, "err", err)
+			continue
+		}
+		a.ensure(pc)
+	}
+}
+
+func (a *ClusterAgent) mySide(pc PairConfig) (Side, bool) {
+	for i, s := range pc.Sides {
+		if s.Agent == a.cfg.Host {
+			return Side(i), true
+		}
+	}
+	return 0, false
+}
+
+func (a *ClusterAgent) ensure(pc PairConfig) {
+	side, ok := a.mySide(pc)
+	if !ok {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if _, ok := a.runners[pc.Spec.Name]; ok || a.ctx.Err() != nil {
+		return
+	}
+	r, err := newHostRunner(a, pc, side)
+	if err != nil {
+		a.log.Error("cannot run pair", "pair", pc.Spec.Name, "err", err)
+		return
+	}
+	a.runners[pc.Spec.Name] = r
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); r.run(a.ctx) }()
+}
+
+func (a *ClusterAgent) drop(name string) {
+	a.mu.Lock()
+	r, ok := a.runners[name]
+	delete(a.runners, name)
+	a.mu.Unlock()
+	if ok {
+		_, _ = r.call(HStop{})
+		r.stop()
+		_ = os.RemoveAll(r.dir)
+	}
+}
+
+func (a *ClusterAgent) runner(name string) (*hostRunner, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r, ok := a.runners[name]
+	if !ok {
+		return nil, fmt.Errorf("pair %q: %w", name, ErrNotFound)
+	}
+	return r, nil
+}
+
+// peer returns a PeerService connection to host's agent.
+func (a *ClusterAgent) peer(ctx context.Context, host string) (*grpc.ClientConn, error) {
+	a.mu.Lock()
+	c, ok := a.conns[host]
+	a.mu.Unlock()
+	if ok {
+		return c, nil
+	}
+	addr, err := a.cfg.Store.AgentAddr(ctx, host)
+	if err != nil {
+		return nil, err
+	}
+	creds := a.cfg.PeerCreds
+	if creds == nil {
+		creds = insecure.NewCredentials()
+	}
+	c, err = grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if old, ok := a.conns[host]; ok {
+		c.Close()
+		return old, nil
+	}
+	a.conns[host] = c
+	return c, nil
+}
+
+// Create validates the pair and stores it; the agents of its two hosts start it.
+func (a *ClusterAgent) Create(pc PairConfig) (Status, error) {
+	pc.Spec = pc.Spec.WithDefaults()
+	if err := pc.Spec.Validate(); err != nil {
+		return Status{}, err
+	}
+	for i, sd := range pc.Sides {
+		if sd.Agent == "" {
+			return Status{}, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].host", i), Reason: "name the agent's host (placement host) and give its address"}
+		}
+		if net.ParseIP(sd.Host) == nil {
+			return Status{}, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].address", i), Reason: fmt.Sprintf("%q is not an IP address", sd.Host)}
+		}
+		if sd.Disk == "" || !filepath.IsAbs(sd.Disk) {
+			return Status{}, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].disk", i), Reason: fmt.Sprintf("%q: want an absolute path", sd.Disk)}
+		}
+	}
+	if pc.Sides[0].Agent == pc.Sides[1].Agent {
+		return Status{}, &checkpoint.FieldError{Field: "sides[1].host", Reason: "both sides on one host: use single-host mode"}
+	}
+	if pc.Spec.QEMUVersion.Major == 0 && len(pc.Spec.QEMU) > 0 {
+		// The command-line forms depend on the QEMU at hand; both hosts must run the same.
+		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+		v, err := checkpoint.DetectVersion(ctx, pc.Spec.QEMU)
+		cancel()
+		if err != nil {
+			return Status{}, &checkpoint.FieldError{Field: "qemu_command", Reason: err.Error()}
+		}
+		pc.Spec.QEMUVersion = v
+	}
+	b, err := json.Marshal(pc)
+	if err != nil {
+		return Status{}, err
+	}
+	ctx, cancel := context.WithTimeout(a.ctx, 5*time.Second)
+	defer cancel()
+	if err := a.cfg.Store.CreatePair(ctx, pc.Spec.Name, b); err != nil {
+		if errors.Is(err, coord.ErrExists) {
+			return Status{}, fmt.Errorf("%q: %w", pc.Spec.Name, ErrExists)
+		}
+		return Status{}, err
+	}
+	return Status{Name: pc.Spec.Name, State: StateStarting, Cluster: true}, nil
+}
+
+// Get returns this host's view of a pair.
+func (a *ClusterAgent) Get(name string) (Status, error) {
+	r, err := a.runner(name)
+	if err != nil {
+		return Status{}, err
+	}
+	return r.status(), nil
+}
+
+// Config returns a pair's configuration.
+func (a *ClusterAgent) Config(name string) (PairConfig, error) {
+	r, err := a.runner(name)
+	if err != nil {
+		return PairConfig{}, err
+	}
+	return r.pc, nil
+}
+
+// List returns the status of every pair of this host.
+func (a *ClusterAgent) List() []Status {
+	a.mu.Lock()
+	var out []Status
+	for _, r := range a.runners {
+		out = append(out, r.status())
+	}
+	a.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Delete removes the pair from the store; both agents stop their sides.
+func (a *ClusterAgent) Delete(name string) error {
+	ctx, cancel := context.WithTimeout(a.ctx, 5*time.Second)
+	defer cancel()
+	if err := a.cfg.Store.DeletePair(ctx, name); err != nil {
+		if errors.Is(err, coord.ErrNotFound) {
+			return fmt.Errorf("pair %q: %w", name, ErrNotFound)
+		}
+		return err
+	}
+	return nil
+}
+
+// Failover asks this host's primary for a planned switchover. A forced failover is not offered
+// across hosts: killing the primary does the same, through the lease.
+func (a *ClusterAgent) Failover(name string, forced bool) error {
+	r, err := a.runner(name)
+	if err != nil {
+		return err
+	}
+	if forced {
+		return fmt.Errorf("forced failover: not offered for a pair that spans two hosts (a planned one is): %w", ErrWrongState)
+	}
+	_, err = r.call(HSwitchover{})
+	return err
+}
+
+// Reprotect: a primary running alone re-protects by itself as soon as its peer is back.
+func (a *ClusterAgent) Reprotect(name string) error {
+	if _, err := a.runner(name); err != nil {
+		return err
+	}
+	return fmt.Errorf("reprotect: a pair that spans two hosts re-protects by itself when the peer is back: %w", ErrWrongState)
+}
+
+// SetParameters is not offered across hosts yet.
+func (a *ClusterAgent) SetParameters(ctx context.Context, name string, t checkpoint.Tunables) error {
+	if _, err := a.runner(name); err != nil {
+		return err
+	}
+	return fmt.Errorf("set parameters: not offered for a pair that spans two hosts yet: %w", ErrWrongState)
+}
+
+// Watch streams this host's view of a pair.
+func (a *ClusterAgent) Watch(ctx context.Context, name string) (<-chan Event2, error) {
+	r, err := a.runner(name)
+	if err != nil {
+		return nil, err
+	}
+	return r.watch(ctx), nil
+}

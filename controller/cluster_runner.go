@@ -1,0 +1,982 @@
+package controller
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/lockstepvm/lockstep/checkpoint"
+	"github.com/lockstepvm/lockstep/coord"
+	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
+	"github.com/lockstepvm/lockstep/qmp"
+)
+
+// hostRunner owns this host's side of one pair that spans two hosts: its HostPolicy, its QEMU,
+// its lease. One goroutine (run) steps the policy; store requests and peer calls run in order
+// on the io goroutine; long QMP sequences run on a worker.
+type hostRunner struct {
+	a      *ClusterAgent
+	pc     PairConfig
+	name   string
+	side   Side
+	dir    string
+	log    *slog.Logger
+	pol    *HostPolicy
+	events chan HostEvent
+	calls  chan hostCall
+	io     chan func(context.Context)
+	stopc  chan chan struct{}
+	done   chan struct{}
+	now    atomic.Int64 // the policy's tick, for heartbeats sent from other goroutines
+
+	// Owned by run.
+	vm          *checkpoint.VM
+	vmCancel    context.CancelFunc
+	wasSecond   bool // the VM took over from a secondary: it still has the rewriter
+	held        coord.Held
+	gen         checkpoint.Generation
+	worker      context.CancelFunc
+	workerWG    sync.WaitGroup
+	prepared    *prepared
+	hbInFlight  atomic.Bool
+	lastHB      atomic.Int64 // unix nanoseconds of the last successful exchange
+	obs         *checkpoint.Observer
+	obsStop     func()
+	pendingPrep chan prepareResult
+
+	mu       sync.Mutex
+	snap     Status
+	view     PeerView // the policy's view, for heartbeat replies built off the run goroutine
+	watchers map[chan Event2]struct{}
+}
+
+type hostCall struct {
+	ev    HostEvent
+	reply chan hostReply
+}
+
+type hostReply struct {
+	err  error
+	view PeerView
+	prep chan prepareResult // for HPrepare: the prepared secondary, once ready
+}
+
+type prepareResult struct {
+	resp *pb.PrepareSecondaryResponse
+	err  error
+}
+
+// prepared is a secondary this host readied for its peer's primary.
+type prepared struct {
+	gen    checkpoint.Generation
+	ln     net.Listener
+	cancel context.CancelFunc
+}
+
+// hostVMEvent carries a worker's result with the VM it started.
+type hostVMEvent struct {
+	ev        HostEvent
+	vm        *checkpoint.VM
+	gen       *checkpoint.Generation
+	prepared  *prepared
+	prep      chan prepareResult
+	prepResp  *pb.PrepareSecondaryResponse
+	wasSecond bool
+}
+
+func (hostVMEvent) isHostEvent() {}
+
+// localSignal is a failure signal of the local QEMU, with the VM it is about.
+type localSignal struct {
+	vm   *checkpoint.VM
+	kind SignalKind
+}
+
+func (localSignal) isHostEvent() {}
+
+func newHostRunner(a *ClusterAgent, pc PairConfig, side Side) (*hostRunner, error) {
+	pc.Spec = pc.Spec.WithDefaults()
+	pol, err := NewHostPolicy(a.cfg.hostConfig(!pc.NoAutoReprotect), a.cfg.Host)
+	if err != nil {
+		return nil, err
+	}
+	r := &hostRunner{
+		a: a, pc: pc, name: pc.Spec.Name, side: side, dir: filepath.Join(a.cfg.StateDir, pc.Spec.Name),
+		log: a.log.With("pair", pc.Spec.Name, "host", a.cfg.Host), pol: pol,
+		events: make(chan HostEvent, 64), calls: make(chan hostCall), io: make(chan func(context.Context), 64),
+		stopc: make(chan chan struct{}), done: make(chan struct{}), watchers: map[chan Event2]struct{}{},
+	}
+	r.snap = Status{Name: r.name, State: StateStopped, Cluster: true, AutoReprotect: !pc.NoAutoReprotect}
+	if err := os.MkdirAll(r.dir, 0o700); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *hostRunner) peerAgent() string { return r.pc.Sides[r.side.Other()].Agent }
+
+func (r *hostRunner) localSide() checkpoint.Side {
+	sc := r.pc.Sides[r.side]
+	ov := filepath.Join(r.a.cfg.OverlayDir, r.name)
+	return checkpoint.Side{Host: sc.Host, RunDir: filepath.Join(r.dir, "qemu"), Disk: sc.Disk,
+		Active: filepath.Join(ov, "active.qcow2"), Hidden: filepath.Join(ov, "hidden.qcow2"), NetSocket: sc.NetSocket}
+}
+
+// call hands an event to the run goroutine and waits for the policy's answer.
+func (r *hostRunner) call(ev HostEvent) (hostReply, error) {
+	reply := make(chan hostReply, 1)
+	select {
+	case r.calls <- hostCall{ev: ev, reply: reply}:
+	case <-r.done:
+		return hostReply{}, errors.New("the pair's runner stopped")
+	}
+	rep := <-reply
+	return rep, rep.err
+}
+
+func (r *hostRunner) stop() {
+	done := make(chan struct{})
+	select {
+	case r.stopc <- done:
+		<-done
+	case <-r.done:
+	}
+}
+
+func (r *hostRunner) post(ctx context.Context, ev HostEvent) {
+	select {
+	case r.events <- ev:
+	case <-ctx.Done():
+	}
+}
+
+func (r *hostRunner) run(ctx context.Context) {
+	defer close(r.done)
+	ioctx, iocancel := context.WithCancel(ctx)
+	var iowg sync.WaitGroup
+	iowg.Add(1)
+	go func() { // the io goroutine: store requests and peer calls, in order
+		defer iowg.Done()
+		for {
+			select {
+			case f := <-r.io:
+				f(ioctx)
+			case <-ioctx.Done():
+				return
+			}
+		}
+	}()
+	tick := time.NewTicker(r.a.cfg.Tick)
+	defer tick.Stop()
+	hb := time.NewTicker(r.a.cfg.HeartbeatInterval)
+	defer hb.Stop()
+	statsTick := time.NewTicker(time.Second)
+	defer statsTick.Stop()
+	defer func() {
+		if r.worker != nil {
+			r.worker()
+		}
+		r.workerWG.Wait()
+		iocancel()
+		iowg.Wait()
+		r.stopObserver()
+		if r.vmCancel != nil {
+			r.vmCancel()
+		}
+		if r.prepared != nil {
+			r.prepared.cancel()
+		}
+		if r.vm != nil {
+			r.vm.Release()
+		}
+		r.mu.Lock()
+		for ch := range r.watchers {
+			close(ch)
+			delete(r.watchers, ch)
+		}
+		r.mu.Unlock()
+	}()
+	if r.side == SideA {
+		r.step(ctx, HStart{})
+	}
+	r.publish()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case done := <-r.stopc:
+			defer close(done)
+			return
+		case <-tick.C:
+			r.step(ctx, HTick{})
+			r.now.Store(int64(r.pol.Now()))
+		case <-hb.C:
+			r.heartbeat(ctx)
+		case <-statsTick.C:
+			if r.obs != nil {
+				st := r.obs.Stats()
+				r.mu.Lock()
+				r.snap.Checkpoints = st
+				r.mu.Unlock()
+				r.broadcast(Event2{Kind: EventCheckpoints, Time: time.Now(), Stats: &st})
+			}
+		case c := <-r.calls:
+			rep := hostReply{}
+			acts, err := r.pol.Step(c.ev)
+			rep.err = err
+			switch e := c.ev.(type) {
+			case HPeerRequest:
+				rep.view = r.pol.View()
+				rep.view.Confirm = r.pol.Confirm(e.View)
+			case HPrepare:
+				if err == nil {
+					r.pendingPrep = make(chan prepareResult, 1)
+					rep.prep = r.pendingPrep
+				}
+			}
+			c.reply <- rep
+			r.exec(ctx, acts)
+		case ev := <-r.events:
+			r.handle(ctx, ev)
+		}
+		r.publish()
+	}
+}
+
+func (r *hostRunner) handle(ctx context.Context, ev HostEvent) {
+	switch e := ev.(type) {
+	case localSignal:
+		if e.vm != r.vm {
+			return // about a VM that is gone already
+		}
+		if r.pol.Fenced() && e.kind == SigQMPTimeout {
+			return // a frozen QEMU does not answer: that is the fence
+		}
+		r.log.Warn("local QEMU failure", "signal", e.kind)
+		r.step(ctx, HLocalFailed{Why: string(e.kind)})
+	case leaseGot:
+		r.held = e.held
+		r.step(ctx, e.ev)
+	case hostVMEvent:
+		if e.vm != nil {
+			r.setVM(ctx, e.vm)
+		}
+		if e.gen != nil {
+			r.gen = *e.gen
+		}
+		if e.wasSecond {
+			r.wasSecond = true
+		}
+		if e.prepared != nil {
+			if r.prepared != nil {
+				r.prepared.cancel()
+			}
+			r.prepared = e.prepared
+		}
+		if e.prep != nil {
+			e.prep <- prepareResult{resp: e.prepResp, err: errIf(e.ev)}
+		}
+		r.step(ctx, e.ev)
+	default:
+		r.step(ctx, ev)
+	}
+}
+
+func errIf(ev HostEvent) error {
+	if f, ok := ev.(HPrepareFailed); ok {
+		return errors.New(f.Err)
+	}
+	return nil
+}
+
+func (r *hostRunner) step(ctx context.Context, ev HostEvent) {
+	acts, err := r.pol.Step(ev)
+	if err != nil {
+		r.log.Debug("event refused", "event", fmt.Sprintf("%T", ev), "err", err)
+	}
+	r.exec(ctx, acts)
+}
+
+func (r *hostRunner) setVM(ctx context.Context, vm *checkpoint.VM) {
+	if r.vmCancel != nil {
+		r.vmCancel()
+	}
+	r.vm = vm
+	wctx, cancel := context.WithCancel(ctx)
+	r.vmCancel = cancel
+	sigs := make(chan checkpoint.Signal, 8)
+	r.workerWG.Add(2)
+	go func() { defer r.workerWG.Done(); checkpoint.Watch(wctx, vm, r.a.cfg.Watch, sigs) }()
+	go func() {
+		defer r.workerWG.Done()
+		for {
+			select {
+			case sg := <-sigs:
+				kind, ok := signalKind(sg)
+				if !ok || kind == SigColoExitError || kind == SigMigrationFailed {
+					continue // the link to the peer: heartbeats and the policy decide
+				}
+				r.post(wctx, localSignal{vm: vm, kind: kind})
+			case <-wctx.Done():
+				return
+			}
+		}
+	}()
+}
+
+func (r *hostRunner) killVM(why string) {
+	if r.vmCancel != nil {
+		r.vmCancel()
+		r.vmCancel = nil
+	}
+	r.stopObserver()
+	if r.prepared != nil {
+		r.prepared.cancel()
+		r.prepared = nil
+	}
+	if r.vm != nil {
+		r.log.Info("killing QEMU", "pid", r.vm.PID(), "why", why)
+		r.vm.Kill()
+		r.vm = nil
+	}
+	r.wasSecond = false
+}
+
+// spawn runs a long action; the one before it, if any, is cancelled.
+func (r *hostRunner) spawn(ctx context.Context, f func(context.Context) HostEvent) {
+	if r.worker != nil {
+		r.worker()
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	r.worker = cancel
+	r.workerWG.Add(1)
+	go func() {
+		defer r.workerWG.Done()
+		ev := f(wctx)
+		r.post(wctx, ev)
+	}()
+}
+
+// queue runs f on the io goroutine, after everything queued before it.
+func (r *hostRunner) queue(f func(context.Context)) {
+	select {
+	case r.io <- f:
+	default:
+		r.log.Warn("io queue full: dropping a store or peer request")
+	}
+}
+
+func (r *hostRunner) storeCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, r.a.cfg.HeartbeatTimeout)
+}
+
+func (r *hostRunner) storeEvent(err error) HostEvent {
+	if errors.Is(err, coord.ErrLeaseLost) {
+		return HLeaseLost{}
+	}
+	return HStoreDown{}
+}
+
+func (r *hostRunner) exec(ctx context.Context, acts []HostAction) {
+	st := r.a.cfg.Store
+	for _, act := range acts {
+		r.log.Info("action", "action", fmt.Sprintf("%T%+v", act, act))
+		switch a := act.(type) {
+		case ActHAcquire:
+			r.queue(func(ctx context.Context) {
+				cctx, cancel := r.storeCtx(ctx)
+				defer cancel()
+				h, err := st.Acquire(cctx, r.name, r.a.cfg.Host, r.a.cfg.LeaseTTL)
+				var he *coord.HeldError
+				switch {
+				case err == nil:
+					var prev PrimaryRecord
+					b, rerr := st.Record(cctx, r.name)
+					if rerr != nil {
+						// Without the record no decision is safe: give the lease back.
+						_ = st.Release(cctx, h)
+						r.post(ctx, HStoreDown{})
+						return
+					}
+					if len(b) > 0 {
+						_ = json.Unmarshal(b, &prev)
+					}
+					r.post(ctx, leaseGot{held: h, ev: HLeaseAcquired{Epoch: h.Epoch, SentAt: a.SentAt, Prev: prev}})
+				case errors.As(err, &he):
+					r.post(ctx, HLeaseHeld{Holder: LeaseHolder{Holder: he.LeaseInfo.Holder, Epoch: he.LeaseInfo.Epoch}})
+				default:
+					r.post(ctx, HStoreDown{})
+				}
+			})
+		case ActHRenew:
+			h := r.held
+			r.queue(func(ctx context.Context) {
+				cctx, cancel := r.storeCtx(ctx)
+				defer cancel()
+				if err := st.Renew(cctx, h); err != nil {
+					r.post(ctx, r.storeEvent(err))
+					return
+				}
+				r.post(ctx, HLeaseRenewed{SentAt: a.SentAt})
+			})
+		case ActHRelease:
+			h := r.held
+			r.queue(func(ctx context.Context) {
+				cctx, cancel := r.storeCtx(ctx)
+				defer cancel()
+				if h.Epoch == a.Epoch {
+					if err := st.Release(cctx, h); err != nil {
+						r.log.Warn("releasing the lease", "err", err)
+					}
+				}
+			})
+		case ActHProbeStore:
+			r.queue(func(ctx context.Context) {
+				cctx, cancel := r.storeCtx(ctx)
+				defer cancel()
+				li, err := st.Current(cctx, r.name)
+				if err != nil {
+					r.post(ctx, HStoreDown{})
+					return
+				}
+				r.post(ctx, HStoreOK{Holder: LeaseHolder{Holder: li.Holder, Epoch: li.Epoch}})
+			})
+		case ActHMark:
+			h := r.held
+			r.queue(func(ctx context.Context) {
+				if err := r.mark(ctx, h, a.Rec); err == nil {
+					r.post(ctx, HMarked{Rec: a.Rec})
+				}
+			})
+		case ActHFence:
+			if r.vm != nil {
+				r.log.Warn("fencing: freezing QEMU", "pid", r.vm.PID(), "why", a.Why)
+				_ = r.vm.Signal(syscall.SIGSTOP)
+			}
+		case ActHUnfence:
+			if r.vm != nil {
+				r.log.Info("unfencing: resuming QEMU", "pid", r.vm.PID())
+				_ = r.vm.Signal(syscall.SIGCONT)
+			}
+		case ActHKill:
+			r.killVM(a.Why)
+		case ActHBoot:
+			r.spawn(ctx, func(ctx context.Context) HostEvent {
+				vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RolePrimary, Side: r.localSide(), Log: r.log})
+				if err != nil {
+					return HBootFailed{Err: err.Error()}
+				}
+				return hostVMEvent{ev: HBooted{}, vm: vm}
+			})
+		case ActHProtect:
+			vm, reprotect := r.vm, r.wasSecond
+			r.stopObserver()
+			r.spawn(ctx, func(ctx context.Context) HostEvent { return r.protect(ctx, vm, a, reprotect) })
+		case ActHPrepare:
+			prep := r.pendingPrep
+			r.pendingPrep = nil
+			r.killVM("a new secondary")
+			r.spawn(ctx, func(ctx context.Context) HostEvent { return r.prepare(ctx, a.Gen, prep) })
+		case ActHTakeOver:
+			vm, h := r.vm, r.held
+			if r.prepared != nil {
+				r.prepared.cancel()
+				r.prepared = nil
+			}
+			r.spawn(ctx, func(ctx context.Context) HostEvent {
+				if err := r.mark(ctx, h, a.Rec); err != nil {
+					return HTakeoverFailed{Err: err.Error(), StoreDown: true}
+				}
+				if vm == nil {
+					return HTakeoverFailed{Err: "no secondary QEMU"}
+				}
+				t0 := time.Now()
+				took, err := checkpoint.FailoverAsSecondary(vm.QMP, a.Yank).Run(ctx, r.log, r.progress)
+				r.recordFailover(t0, a.Why, "failover-as-secondary", took, err)
+				if err != nil {
+					return HTakeoverFailed{Err: err.Error()}
+				}
+				return hostVMEvent{ev: HTakeoverDone{}, wasSecond: true}
+			})
+		case ActHGoAlone:
+			vm, h, g := r.vm, r.held, r.gen
+			r.stopObserver()
+			r.spawn(ctx, func(ctx context.Context) HostEvent {
+				if err := r.mark(ctx, h, a.Rec); err != nil {
+					return HAloneFailed{Err: err.Error(), StoreDown: true}
+				}
+				if vm == nil {
+					return HAloneFailed{Err: "no primary QEMU"}
+				}
+				seq := checkpoint.FailoverAsPrimary(vm.QMP, g)
+				if a.Yank {
+					seq = checkpoint.FailoverAsPrimaryYank(vm.QMP, g)
+				}
+				t0 := time.Now()
+				took, err := seq.Run(ctx, r.log, r.progress)
+				r.recordFailover(t0, a.Why, seq.Name, took, err)
+				if err != nil {
+					return HAloneFailed{Err: err.Error()}
+				}
+				return HAloneDone{}
+			})
+		case ActHSwitchover:
+			vm := r.vm
+			r.vm = nil
+			if r.vmCancel != nil {
+				r.vmCancel()
+				r.vmCancel = nil
+			}
+			r.stopObserver()
+			delay := uint32(r.pc.Spec.Tunables.CheckpointDelay / time.Millisecond)
+			r.queue(func(ctx context.Context) {
+				if vm == nil {
+					return
+				}
+				// Setting the delay during COLO starts a checkpoint at once: what colo-compare
+				// holds is released, and the secondary has all the primary has.
+				sub := vm.QMP.Subscribe(qmp.EventResume)
+				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				if err := vm.QMP.MigrateSetParameters(cctx, qmp.MigrationParameters{XCheckpointDelay: &delay}); err == nil {
+					_, _ = sub.Next(cctx)
+				}
+				cancel()
+				sub.Close()
+				vm.Kill()
+			})
+		case ActHHandOver:
+			peer, epoch := r.peerAgent(), a.Epoch
+			r.queue(func(ctx context.Context) {
+				cctx, cancel := context.WithTimeout(ctx, r.a.cfg.HeartbeatTimeout)
+				defer cancel()
+				c, err := r.a.peer(cctx, peer)
+				if err == nil {
+					_, err = pb.NewPeerServiceClient(c).HandOver(cctx, &pb.HandOverRequest{PairName: r.name, Epoch: epoch, Reason: pb.HandOverReason_HAND_OVER_REASON_PRIMARY_FAILED, Detail: a.Why})
+				}
+				if err != nil {
+					r.log.Warn("hand-over not delivered; the peer will see it in heartbeats", "err", err)
+				}
+			})
+		case ActHTearDownPeer:
+			peer, epoch := r.peerAgent(), r.pol.Epoch()
+			r.queue(func(ctx context.Context) {
+				cctx, cancel := context.WithTimeout(ctx, time.Second)
+				defer cancel()
+				if c, err := r.a.peer(cctx, peer); err == nil {
+					_, _ = pb.NewPeerServiceClient(c).TearDownSecondary(cctx, &pb.TearDownSecondaryRequest{PairName: r.name, Epoch: epoch, Generation: uint64(a.Gen), Reason: "protection failed"})
+				}
+			})
+		}
+	}
+}
+
+// leaseGot carries a granted lease to the run goroutine with the policy's event.
+type leaseGot struct {
+	held coord.Held
+	ev   HLeaseAcquired
+}
+
+func (leaseGot) isHostEvent() {}
+
+func (r *hostRunner) mark(ctx context.Context, h coord.Held, rec PrimaryRecord) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.a.cfg.HeartbeatTimeout)
+	defer cancel()
+	if h.Epoch != rec.Epoch {
+		return fmt.Errorf("mark at epoch %d with the lease of epoch %d: %w", rec.Epoch, h.Epoch, coord.ErrLeaseLost)
+	}
+	return r.a.cfg.Store.Mark(cctx, h, b)
+}
+
+func (r *hostRunner) recordFailover(t0 time.Time, why, seq string, took time.Duration, err error) {
+	rec := &FailoverRecord{At: t0, Why: why, Sequence: seq, Took: took, Trigger: pb.FailoverTrigger_FAILOVER_TRIGGER_AUTOMATIC}
+	if err != nil {
+		var se *checkpoint.StepError
+		if errors.As(err, &se) {
+			rec.FailedStep = se.Step
+		}
+		rec.Error = err.Error()
+	}
+	r.mu.Lock()
+	r.snap.LastFailover = rec
+	r.snap.Failovers++
+	r.mu.Unlock()
+	r.broadcast(Event2{Kind: EventFailover, Time: time.Now(), Failover: rec})
+}
+
+func (r *hostRunner) progress(ev checkpoint.StepEvent) {
+	r.mu.Lock()
+	if ev.Phase == checkpoint.StepStarted {
+		e := ev
+		r.snap.Step = &e
+	} else if ev.Index == ev.Total || ev.Phase == checkpoint.StepFailed {
+		r.snap.Step = nil
+	}
+	r.mu.Unlock()
+	e := ev
+	r.broadcast(Event2{Kind: EventStep, Time: time.Now(), Step: &e})
+}
+
+// protect asks the peer for a secondary and runs the primary's half of the protection.
+func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHProtect, reprotect bool) HostEvent {
+	fail := func(err error) HostEvent { return HProtectFailed{Gen: a.Gen, Err: err.Error()} }
+	if prim == nil {
+		return fail(errors.New("no primary QEMU"))
+	}
+	ps := r.localSide()
+	ports, err := freeLoopbackPorts(ps.Host, 4)
+	if err != nil {
+		return fail(err)
+	}
+	version, err := checkpoint.QEMUVersion(ctx, prim.QMP)
+	if err != nil {
+		return fail(err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	c, err := r.a.peer(pctx, r.peerAgent())
+	if err != nil {
+		return fail(fmt.Errorf("peer %s: %w", r.peerAgent(), err))
+	}
+	spec := PairSpecToProto(r.pc)
+	resp, err := pb.NewPeerServiceClient(c).PrepareSecondary(pctx, &pb.PrepareSecondaryRequest{
+		PairName: r.name, Epoch: a.Epoch, Generation: uint64(a.Gen), Spec: spec, PrimaryHost: r.a.cfg.Host,
+		PrimaryAddress: ps.Host, PrimaryQemuVersion: version, ResyncDisk: true,
+		Ports: &pb.ProtectionPorts{Mirror: uint32(ports[0]), Compare: uint32(ports[1])},
+	})
+	if err != nil {
+		return fail(fmt.Errorf("the peer could not prepare a secondary: %w", err))
+	}
+	g := checkpoint.Generation{N: a.Gen, PrimaryHost: ps.Host, SecondaryHost: resp.GetSecondaryAddress(),
+		Ports: checkpoint.Ports{NBD: int(resp.GetPorts().GetNbd()), Mirror: ports[0], Compare: ports[1], CompareIn: ports[2], CompareOut: ports[3]}}
+	migAddr := net.JoinHostPort(resp.GetSecondaryAddress(), fmt.Sprint(resp.GetPorts().GetMigration()))
+	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
+	cfg := checkpoint.ProtectConfig{
+		Spec: r.pc.Spec, Gen: g, Primary: prim.QMP, SecondaryVersion: resp.GetSecondaryQemuVersion(),
+		DialMigration: func(ctx context.Context) (*os.File, error) {
+			var d net.Dialer
+			conn, err := d.DialContext(ctx, "tcp", migAddr)
+			if err != nil {
+				return nil, err
+			}
+			defer conn.Close()
+			if dup, err := conn.(*net.TCPConn).File(); err == nil {
+				obs.SetMigrationSocket(dup)
+			}
+			return conn.(*net.TCPConn).File()
+		},
+		OnResync: func(off, l int64) {
+			r.mu.Lock()
+			r.snap.ResyncOffset, r.snap.ResyncLength = off, l
+			r.mu.Unlock()
+			r.broadcast(Event2{Kind: EventResync, Time: time.Now(), Resync: [2]int64{off, l}})
+		},
+	}
+	seq := checkpoint.StartProtection(cfg)
+	if reprotect {
+		seq = checkpoint.Reprotect(cfg)
+	}
+	sub := prim.QMP.Subscribe(checkpoint.ObserverEvents...)
+	if _, err := seq.Run(ctx, r.log, r.progress); err != nil {
+		sub.Close()
+		obs.Close()
+		return fail(err)
+	}
+	r.startObserver(obs, sub)
+	return hostVMEvent{ev: HProtected{Gen: a.Gen}, gen: &g}
+}
+
+// prepare starts a secondary for the peer's primary: its QEMU waits for the migration stream,
+// which this agent accepts and hands to it, so that both ends have TCP_NODELAY.
+func (r *hostRunner) prepare(ctx context.Context, gen int, res chan prepareResult) HostEvent {
+	req := r.pendingRequest(gen)
+	fail := func(err error) HostEvent {
+		return hostVMEvent{ev: HPrepareFailed{Gen: gen, Err: err.Error()}, prep: res}
+	}
+	if req == nil {
+		return fail(errors.New("no prepare request"))
+	}
+	ss := r.localSide()
+	ports, err := freeLoopbackPorts(ss.Host, 3)
+	if err != nil {
+		return fail(err)
+	}
+	g := checkpoint.Generation{N: gen, PrimaryHost: req.GetPrimaryAddress(), SecondaryHost: ss.Host,
+		Ports: checkpoint.Ports{NBD: ports[0], Mirror: int(req.GetPorts().GetMirror()), Compare: int(req.GetPorts().GetCompare()),
+			CompareIn: ports[1], CompareOut: ports[2]}} // CompareIn/Out are the primary's own; unused here
+	if err := ensureDisk(ss.Disk, r.pc.Spec.DiskSize); err != nil {
+		return fail(err)
+	}
+	if err := os.MkdirAll(filepath.Dir(ss.Active), 0o700); err != nil {
+		return fail(err)
+	}
+	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RoleSecondary, Side: ss, PrimaryHost: g.PrimaryHost, Ports: g.Ports, Log: r.log})
+	if err != nil {
+		return fail(err)
+	}
+	if _, err := checkpoint.PrepareSecondary(vm.QMP, g).Run(ctx, r.log, r.progress); err != nil {
+		vm.Kill()
+		return fail(err)
+	}
+	version, err := checkpoint.QEMUVersion(ctx, vm.QMP)
+	if err != nil {
+		vm.Kill()
+		return fail(err)
+	}
+	ln, err := net.Listen("tcp", net.JoinHostPort(ss.Host, "0"))
+	if err != nil {
+		vm.Kill()
+		return fail(err)
+	}
+	pctx, cancel := context.WithCancel(r.a.ctx)
+	p := &prepared{gen: g, ln: ln, cancel: func() { cancel(); ln.Close() }}
+	r.workerWG.Add(1)
+	go func() { // accepts the one migration connection of this generation
+		defer r.workerWG.Done()
+		defer ln.Close()
+		go func() { <-pctx.Done(); ln.Close() }()
+		conn, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		f, err := conn.(*net.TCPConn).File()
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		ictx, icancel := context.WithTimeout(pctx, 30*time.Second)
+		defer icancel()
+		if err := checkpoint.IncomingMigration(ictx, vm.QMP, g, f); err != nil {
+			r.log.Error("handing the migration connection to the secondary", "err", err)
+		}
+	}()
+	resp := &pb.PrepareSecondaryResponse{SecondaryAddress: ss.Host, SecondaryQemuVersion: version,
+		Ports: &pb.ProtectionPorts{Migration: uint32(ln.Addr().(*net.TCPAddr).Port), Nbd: uint32(ports[0]), Mirror: req.GetPorts().GetMirror(), Compare: req.GetPorts().GetCompare()}}
+	return hostVMEvent{ev: HPrepared{Gen: gen}, vm: vm, prepared: p, prep: res, prepResp: resp}
+}
+
+// The PrepareSecondary request being served, by generation (set by the peer server).
+var prepRequests sync.Map // key: pair/gen → *pb.PrepareSecondaryRequest
+
+func prepKey(pair string, gen int) string { return fmt.Sprintf("%s/%d", pair, gen) }
+
+func (r *hostRunner) pendingRequest(gen int) *pb.PrepareSecondaryRequest {
+	v, ok := prepRequests.Load(prepKey(r.name, gen))
+	if !ok {
+		return nil
+	}
+	return v.(*pb.PrepareSecondaryRequest)
+}
+
+func (r *hostRunner) startObserver(obs *checkpoint.Observer, sub *qmp.Subscription) {
+	octx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = obs.Run(octx, sub) }()
+	r.mu.Lock()
+	old := r.obsStop
+	r.obs = obs
+	r.obsStop = func() { cancel(); <-done; sub.Close(); obs.Close() }
+	r.mu.Unlock()
+	if old != nil {
+		old()
+	}
+}
+
+func (r *hostRunner) stopObserver() {
+	r.mu.Lock()
+	stop := r.obsStop
+	r.obs, r.obsStop = nil, nil
+	r.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
+// heartbeat sends one heartbeat to the peer, unless one is still on its way.
+func (r *hostRunner) heartbeat(ctx context.Context) {
+	if !r.hbInFlight.CompareAndSwap(false, true) {
+		return
+	}
+	sent := int(r.now.Load())
+	view := r.pol.View()
+	r.workerWG.Add(1)
+	go func() {
+		defer r.workerWG.Done()
+		defer r.hbInFlight.Store(false)
+		cctx, cancel := context.WithTimeout(ctx, r.a.cfg.HeartbeatTimeout)
+		defer cancel()
+		c, err := r.a.peer(cctx, r.peerAgent())
+		if err != nil {
+			return
+		}
+		resp, err := pb.NewPeerServiceClient(c).Heartbeat(cctx, &pb.HeartbeatRequest{
+			PairName: r.name, Epoch: view.Epoch, Sender: viewToProto(r.a.cfg.Host, view), SendTime: timestamppb.Now()})
+		if err != nil {
+			return
+		}
+		r.lastHB.Store(time.Now().UnixNano())
+		v := viewFromProto(resp.GetReceiver(), resp.GetEpoch())
+		v.Confirm = resp.GetStoreDownConfirmation()
+		r.post(ctx, HPeerReply{SentAt: sent, View: v})
+	}()
+}
+
+func viewToProto(host string, v PeerView) *pb.PeerSideState {
+	role := pb.Role_ROLE_NONE
+	switch v.Role {
+	case RolePrimary, RoleProtecting, RoleAlone, RoleTakingOver, RoleBooting:
+		role = pb.Role_ROLE_PRIMARY
+	case RoleJoining, RoleSecondary:
+		role = pb.Role_ROLE_SECONDARY
+	}
+	return &pb.PeerSideState{Host: host, Role: role, StoreReachable: v.StoreOK, Generation: uint64(v.Gen),
+		PolicyRole: string(v.Role), Fenced: v.Fenced, Colo: v.Colo}
+}
+
+func viewFromProto(s *pb.PeerSideState, epoch uint64) PeerView {
+	return PeerView{Role: HostRole(s.GetPolicyRole()), Epoch: epoch, Gen: int(s.GetGeneration()), Colo: s.GetColo(),
+		Fenced: s.GetFenced(), StoreOK: s.GetStoreReachable()}
+}
+
+// status returns this host's view of the pair.
+func (r *hostRunner) status() Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	s := r.snap
+	if s.Step != nil {
+		e := *s.Step
+		s.Step = &e
+	}
+	return s
+}
+
+// publish refreshes the status from the policy and tells watchers of a state change.
+func (r *hostRunner) publish() {
+	p := r.pol
+	peer := p.Peer()
+	state := clusterState(p.Role(), p.Colo(), p.Fenced(), peer, p.PeerReachable())
+	r.mu.Lock()
+	s := &r.snap
+	old := s.State
+	s.State, s.Role, s.Reason, s.Epoch, s.Generation = state, p.Role(), p.Why(), p.Epoch(), p.Generation()
+	s.StoreReachable, s.PeerReachable = p.StoreOK(), p.PeerReachable()
+	if ns := r.lastHB.Load(); ns > 0 {
+		s.LastHeartbeat = time.Unix(0, ns)
+	}
+	me, other := r.pc.Sides[r.side], r.pc.Sides[r.side.Other()]
+	s.PrimaryHost, s.SecondaryHost = "", ""
+	s.ColoMode = [2]string{}
+	iAmPrimary := p.Role() == RolePrimary || p.Role() == RoleProtecting || p.Role() == RoleAlone || p.Role() == RoleTakingOver || p.Role() == RoleBooting
+	switch {
+	case iAmPrimary:
+		s.PrimarySide, s.PrimaryHost = r.side, me.Agent
+		if p.Colo() {
+			s.SecondaryHost = other.Agent
+		}
+	case p.Role() == RoleSecondary || p.Role() == RoleJoining:
+		s.PrimarySide, s.PrimaryHost, s.SecondaryHost = r.side.Other(), other.Agent, me.Agent
+	}
+	s.CheckpointTime = r.pc.Spec.Tunables.CheckpointDelay
+	if state != StateProtected {
+		s.Checkpoints = checkpoint.Stats{}
+	}
+	changed := old != state
+	if changed {
+		s.Changed = time.Now()
+	}
+	why := s.Reason
+	r.mu.Unlock()
+	if changed {
+		r.log.Info("state", "from", old, "to", state, "role", p.Role(), "reason", why)
+		r.broadcast(Event2{Kind: EventState, Time: time.Now(), From: old, To: state, Reason: why})
+	}
+}
+
+// clusterState is the pair's state as this host sees it.
+func clusterState(role HostRole, colo, fenced bool, peer PeerView, peerOK bool) State {
+	switch role {
+	case RoleBooting:
+		return StateStarting
+	case RolePrimary:
+		if fenced {
+			return StateFailingOver
+		}
+		if colo {
+			return StateProtected
+		}
+		return StateDegraded
+	case RoleProtecting, RoleJoining:
+		return StateProtecting
+	case RoleSecondary:
+		return StateProtected
+	case RoleAlone, RoleTakingOver:
+		return StateFailingOver
+	case RoleFailed:
+		return StateFailed
+	}
+	// Idle here: the peer's state, if it runs the VM.
+	if peerOK {
+		switch peer.Role {
+		case RolePrimary:
+			if peer.Colo {
+				return StateProtected
+			}
+			return StateDegraded
+		case RoleProtecting:
+			return StateReprotecting
+		case RoleAlone, RoleTakingOver:
+			return StateFailingOver
+		}
+	}
+	return StateStopped
+}
+
+func (r *hostRunner) broadcast(ev Event2) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for ch := range r.watchers {
+		select {
+		case ch <- ev:
+		default:
+		}
+	}
+}
+
+func (r *hostRunner) watch(ctx context.Context) <-chan Event2 {
+	ch := make(chan Event2, 256)
+	st := r.status()
+	ch <- Event2{Kind: EventStatus, Time: time.Now(), Status: &st}
+	r.mu.Lock()
+	r.watchers[ch] = struct{}{}
+	r.mu.Unlock()
+	r.a.wg.Add(1)
+	go func() {
+		defer r.a.wg.Done()
+		select {
+		case <-ctx.Done():
+		case <-r.done:
+		}
+		r.mu.Lock()
+		if _, ok := r.watchers[ch]; ok {
+			delete(r.watchers, ch)
+			close(ch)
+		}
+		r.mu.Unlock()
+	}()
+	return ch
+}

@@ -256,6 +256,16 @@ func (a *ClusterAgent) peer(ctx context.Context, host string) (*grpc.ClientConn,
 // Create validates the pair and stores it; the agents of its two hosts start it.
 func (a *ClusterAgent) Create(pc PairConfig) (Status, error) {
 	pc.Spec = pc.Spec.WithDefaults()
+	if pc.Spec.QEMUVersion.Major == 0 && len(pc.Spec.QEMU) > 0 {
+		// The command-line forms depend on the QEMU at hand; both hosts must run the same.
+		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+		v, err := checkpoint.DetectVersion(ctx, pc.Spec.QEMU)
+		cancel()
+		if err != nil {
+			return Status{}, &checkpoint.FieldError{Field: "qemu_command", Reason: err.Error()}
+		}
+		pc.Spec.QEMUVersion = v
+	}
 	if err := pc.Spec.Validate(); err != nil {
 		return Status{}, err
 	}
@@ -273,16 +283,6 @@ func (a *ClusterAgent) Create(pc PairConfig) (Status, error) {
 	if pc.Sides[0].Agent == pc.Sides[1].Agent {
 		return Status{}, &checkpoint.FieldError{Field: "sides[1].host", Reason: "both sides on one host: use single-host mode"}
 	}
-	if pc.Spec.QEMUVersion.Major == 0 && len(pc.Spec.QEMU) > 0 {
-		// The command-line forms depend on the QEMU at hand; both hosts must run the same.
-		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
-		v, err := checkpoint.DetectVersion(ctx, pc.Spec.QEMU)
-		cancel()
-		if err != nil {
-			return Status{}, &checkpoint.FieldError{Field: "qemu_command", Reason: err.Error()}
-		}
-		pc.Spec.QEMUVersion = v
-	}
 	b, err := json.Marshal(pc)
 	if err != nil {
 		return Status{}, err
@@ -294,6 +294,18 @@ func (a *ClusterAgent) Create(pc PairConfig) (Status, error) {
 			return Status{}, fmt.Errorf("%q: %w", pc.Spec.Name, ErrExists)
 		}
 		return Status{}, err
+	}
+	// Answer once this host follows the pair (the store's watch brings it here).
+	if _, ok := a.mySide(pc); ok {
+		for ctx.Err() == nil {
+			if r, err := a.runner(pc.Spec.Name); err == nil {
+				return r.status(), nil
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
 	}
 	return Status{Name: pc.Spec.Name, State: StateStarting, Cluster: true}, nil
 }

@@ -54,6 +54,11 @@ func startWriter(t testing.TB, addr string, interval time.Duration) *writer {
 	if err != nil {
 		t.Fatalf("guest service never answered on %s: %v", addr, err)
 	}
+	return startWriterOn(t, c, interval)
+}
+
+// startWriterOn writes records over a client the caller connected.
+func startWriterOn(t testing.TB, c *client.Client, interval time.Duration) *writer {
 	w := &writer{c: c, interval: interval, stop: make(chan struct{}), done: make(chan struct{})}
 	go w.run()
 	t.Cleanup(func() { w.Stop(); c.Close() })

@@ -55,6 +55,12 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 	return &Client{conn: conn, r: bufio.NewReaderSize(conn, wire.MaxLine)}, nil
 }
 
+// New wraps a connection to the service that the caller dialed itself (for example from inside
+// a network namespace).
+func New(conn net.Conn) *Client {
+	return &Client{conn: conn, r: bufio.NewReaderSize(conn, wire.MaxLine)}
+}
+
 // DialReady connects to the service at addr and pings it, retrying every
 // interval until a ping is answered or ctx is done. It is how a test waits
 // for a booting guest: QEMU's user-mode network forwarder accepts connections

@@ -1,0 +1,289 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/lockstepvm/lockstep/checkpoint"
+	"github.com/lockstepvm/lockstep/integration/guest"
+	"github.com/lockstepvm/lockstep/integration/guest/client"
+	"github.com/lockstepvm/lockstep/integration/netlab"
+	"github.com/lockstepvm/lockstep/integration/qemuenv"
+	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
+)
+
+// cluster is a two-host test set-up: host A and host B each with a lockstepd in two-host mode,
+// the coordination store served by a third lockstepd on the etcd node, and a client node on the
+// guests' LAN, each in a network namespace of the test's own.
+type cluster struct {
+	t      *testing.T
+	lab    *netlab.Lab
+	dir    string
+	bin    string
+	agents map[string]*nsDaemon
+}
+
+// nsDaemon is a lockstepd started by the test inside a node's namespace.
+type nsDaemon struct {
+	cmd  *exec.Cmd
+	sock string
+	log  *qemuenv.SyncBuffer
+	done chan struct{}
+}
+
+func (d *nsDaemon) kill() {
+	_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
+	<-d.done
+}
+
+func (c *cluster) start(node *netlab.Node, args ...string) *nsDaemon {
+	t := c.t
+	dir := filepath.Join(c.dir, node.Name())
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "api.sock")
+	args = append([]string{"--state-dir", filepath.Join(dir, "state"), "--overlay-dir", filepath.Join(dir, "overlays"),
+		"--listen", "unix://" + sock, "--log-level", "info"}, args...)
+	cmd := node.Command(context.Background(), filepath.Join(c.bin, "lockstepd"), args...)
+	d := &nsDaemon{cmd: cmd, sock: sock, log: &qemuenv.SyncBuffer{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = d.log, d.log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = cmd.Wait(); close(d.done) }()
+	t.Cleanup(func() {
+		d.kill()
+		if t.Failed() {
+			t.Logf("lockstepd on %s:\n%s", node.Name(), d.log.String())
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return d
+		}
+		select {
+		case <-d.done:
+			t.Fatalf("lockstepd on %s exited at start:\n%s", node.Name(), d.log.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("lockstepd on %s did not listen:\n%s", node.Name(), d.log.String())
+		}
+	}
+}
+
+func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
+	q := qemuenv.QEMU11(t)
+	kernel, initrd := guestImages(t)
+	lab := netlab.New(t, netlab.Options{})
+	c := &cluster{t: t, lab: lab, dir: qemuenv.ShortTempDir(t), bin: binaries(t), agents: map[string]*nsDaemon{}}
+	t.Cleanup(func() {
+		// The agents leave their QEMUs running by design: kill them by the PIDs the agents wrote.
+		for _, h := range []string{"A", "B"} {
+			if pid, err := checkpoint.ReadPID(filepath.Join(c.dir, h, "state", "db1", "qemu")); err == nil {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
+	etcdURL := fmt.Sprintf("http://%s", netip.AddrPortFrom(lab.Node("etcd").IP(), 2379))
+	c.start(lab.Node("etcd"), "--etcd-serve", etcdURL)
+	for _, h := range []string{"A", "B"} {
+		n := lab.Node(h)
+		if _, err := n.AddTap("vm0"); err != nil {
+			t.Fatal(err)
+		}
+		c.agents[h] = c.start(n, "--host", h, "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", etcdURL)
+	}
+	diskA := filepath.Join(c.dir, "A", "disk.raw")
+	if err := guest.CreateDisk(diskA, guest.DiskSize); err != nil {
+		t.Fatal(err)
+	}
+	auto := true
+	spec := &pb.PairSpec{
+		Name: "db1", MemoryMib: 128, Vcpus: 1, Machine: "pc", Accel: pb.Accel_ACCEL_TCG,
+		Kernel: kernel, Initrd: initrd, Append: guest.KernelCmdline(lab.GuestCIDR(), lab.LANIP(1).String()),
+		DiskSizeBytes: guest.DiskSize,
+		Nic:           &pb.Nic{Mac: guestMAC, Model: "e1000", Backend: pb.NicBackend_NIC_BACKEND_TAP, Tap: "vm0"},
+		QemuCommand:   []string{q.Path}, QemuImgCommand: []string{q.Img},
+		Tunables:      &pb.Tunables{CheckpointDelay: durationpb.New(200 * time.Millisecond)},
+		Primary:       &pb.Placement{Host: "A", Address: lab.Node("A").IP().String(), DiskPath: diskA},
+		Secondary:     &pb.Placement{Host: "B", Address: lab.Node("B").IP().String(), DiskPath: filepath.Join(c.dir, "B", "replica.raw")},
+		AutoReprotect: &auto,
+	}
+	return c, spec
+}
+
+// waitOn waits until the agent of host reports the pair in state want.
+func (c *cluster) waitOn(host string, want pb.PairState, within time.Duration) *pb.PairStatus {
+	t := c.t
+	api := dialAPI(t, c.agents[host].sock)
+	deadline := time.Now().Add(within)
+	var last *pb.PairStatus
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		resp, err := api.GetPair(ctx, &pb.GetPairRequest{Name: "db1"})
+		cancel()
+		if err == nil {
+			last = resp.GetPair().GetStatus()
+			if last.GetState() == want {
+				return last
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("host %s: pair not %v within %v; last status %v", host, want, within, last)
+	return nil
+}
+
+// connect opens the client's connection to the guest's service from the client node.
+func (c *cluster) connect() *client.Client {
+	t := c.t
+	addr := netip.AddrPortFrom(c.lab.GuestIP(), guest.Port).String()
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		conn, err := c.lab.Node("client").Dial(ctx, "tcp", addr)
+		if err == nil {
+			cl := client.New(conn)
+			if _, err := cl.Ping(ctx); err == nil {
+				cancel()
+				return cl
+			}
+			cl.Close()
+		}
+		cancel()
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("the guest's service at %s never answered the client node", addr)
+	return nil
+}
+
+// qemuPID reads the pid of host's QEMU for the pair.
+func (c *cluster) qemuPID(host string) int {
+	pid, err := checkpoint.ReadPID(filepath.Join(c.dir, host, "state", "db1", "qemu"))
+	if err != nil {
+		c.t.Fatalf("QEMU pid on %s: %v", host, err)
+	}
+	return pid
+}
+
+// TestTwoHostsQEMUCrashFastPath: host A's primary QEMU crashes while its agent lives; A hands
+// the lease over at once and B's secondary takes over. The client's connection carries on, and
+// nothing it saw acknowledged is lost.
+func TestTwoHostsQEMUCrashFastPath(t *testing.T) {
+	c, spec := newCluster(t)
+	api := dialAPI(t, c.agents["A"].sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if _, err := api.CreatePair(ctx, &pb.CreatePairRequest{Spec: spec}); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	cl := c.connect()
+	w := startWriterOn(t, cl, 20*time.Millisecond)
+	st := c.waitOn("A", pb.PairState_PAIR_STATE_PROTECTED, 3*time.Minute)
+	t.Logf("protected: epoch %d generation %d", st.GetEpoch(), st.GetGeneration())
+	c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 30*time.Second)
+	w.waitAcked(t, w.Acked()+25, 30*time.Second)
+
+	pid := c.qemuPID("A")
+	kill := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	before := w.Acked()
+	w.waitAcked(t, before+10, 30*time.Second)
+	first, _ := w.firstAckAfter(kill)
+	t.Logf("fast path: kill -9 of A's QEMU -> first ack on the same connection %v", first.Sub(kill).Round(time.Millisecond))
+	stB := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
+	if stB.GetEpoch() <= st.GetEpoch() {
+		t.Errorf("epoch after the takeover %d, want above %d", stB.GetEpoch(), st.GetEpoch())
+	}
+	if stB.GetPrimaryHost() != "B" {
+		t.Errorf("primary after the takeover %q, want B", stB.GetPrimaryHost())
+	}
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, all in the guest's memory and on its disk; re-protected at epoch %d generation %d", n, stB.GetEpoch(), stB.GetGeneration())
+}
+
+// protectWithWriter creates the pair through A's API, connects the client from the client node
+// and waits until both hosts report the pair protected with records flowing.
+func (c *cluster) protectWithWriter(spec *pb.PairSpec) (*writer, *pb.PairStatus) {
+	t := c.t
+	api := dialAPI(t, c.agents["A"].sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if _, err := api.CreatePair(ctx, &pb.CreatePairRequest{Spec: spec}); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	w := startWriterOn(t, c.connect(), 20*time.Millisecond)
+	st := c.waitOn("A", pb.PairState_PAIR_STATE_PROTECTED, 3*time.Minute)
+	c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 30*time.Second)
+	w.waitAcked(t, w.Acked()+25, 30*time.Second)
+	return w, st
+}
+
+// TestTwoHostsHostLoss: host A is lost, its agent and its QEMU killed together; B takes over
+// once A's lease expired, and the client's connection carries on with nothing lost.
+func TestTwoHostsHostLoss(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	pid := c.qemuPID("A")
+	kill := time.Now()
+	c.agents["A"].kill()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	before := w.Acked()
+	w.waitAcked(t, before+10, 30*time.Second)
+	first, _ := w.firstAckAfter(kill)
+	t.Logf("host loss: kill of A's agent and QEMU -> first ack on the same connection %v", first.Sub(kill).Round(time.Millisecond))
+	stB := c.waitOn("B", pb.PairState_PAIR_STATE_DEGRADED, 30*time.Second)
+	if stB.GetEpoch() <= st.GetEpoch() || stB.GetPrimaryHost() != "B" {
+		t.Errorf("after the host loss: primary %q at epoch %d, want B above epoch %d", stB.GetPrimaryHost(), stB.GetEpoch(), st.GetEpoch())
+	}
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, all in the guest's memory and on its disk; B runs alone at epoch %d", n, stB.GetEpoch())
+}
+
+// TestTwoHostsLinkCut: the A-B link is cut while both reach the store: A keeps the primary role
+// and runs on unprotected, B stands down; when the link comes back, protection does too.
+func TestTwoHostsLinkCut(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	a, b := c.lab.Node("A"), c.lab.Node("B")
+	cut := time.Now()
+	if err := c.lab.Cut(a, b); err != nil {
+		t.Fatal(err)
+	}
+	stA := c.waitOn("A", pb.PairState_PAIR_STATE_DEGRADED, 30*time.Second)
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	first, _ := w.firstAckAfter(cut.Add(time.Second))
+	t.Logf("link cut: A runs alone (epoch %d, was %d); acks continue (first ack 1 s after the cut at %v)", stA.GetEpoch(), st.GetEpoch(), first.Sub(cut).Round(time.Millisecond))
+	if stA.GetPrimaryHost() != "A" || stA.GetEpoch() != st.GetEpoch() {
+		t.Errorf("after the cut: primary %q epoch %d, want A at epoch %d", stA.GetPrimaryHost(), stA.GetEpoch(), st.GetEpoch())
+	}
+	// B stands down: its secondary is stale once A runs alone.
+	c.waitOn("B", pb.PairState_PAIR_STATE_STOPPED, 30*time.Second)
+	if err := c.lab.Heal(a, b); err != nil {
+		t.Fatal(err)
+	}
+	back := c.waitOn("A", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
+	if back.GetGeneration() <= st.GetGeneration() {
+		t.Errorf("generation after the heal %d, want above %d", back.GetGeneration(), st.GetGeneration())
+	}
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, none lost; protected again at generation %d", n, back.GetGeneration())
+}

@@ -57,7 +57,6 @@ type hostRunner struct {
 
 	mu       sync.Mutex
 	snap     Status
-	view     PeerView // the policy's view, for heartbeat replies built off the run goroutine
 	watchers map[chan Event2]struct{}
 }
 
@@ -428,7 +427,7 @@ func (r *hostRunner) exec(ctx context.Context, acts []HostAction) {
 					r.post(ctx, r.storeEvent(err))
 					return
 				}
-				r.post(ctx, HLeaseRenewed{SentAt: a.SentAt})
+				r.post(ctx, HLeaseRenewed(a))
 			})
 		case ActHRelease:
 			h := r.held
@@ -456,7 +455,7 @@ func (r *hostRunner) exec(ctx context.Context, acts []HostAction) {
 			h := r.held
 			r.queue(func(ctx context.Context) {
 				if err := r.mark(ctx, h, a.Rec); err == nil {
-					r.post(ctx, HMarked{Rec: a.Rec})
+					r.post(ctx, HMarked(a))
 				}
 			})
 		case ActHFence:

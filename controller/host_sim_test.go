@@ -38,11 +38,9 @@ type simHost struct {
 }
 
 type simMsg struct {
-	at  int
-	to  int
-	ev  HostEvent
-	hb  bool // a heartbeat request: answered on delivery
-	req int  // for hb: the sender
+	at int
+	to int
+	ev HostEvent
 }
 
 type simWorld struct {
@@ -163,7 +161,7 @@ func (w *simWorld) do(i int, a HostAction) {
 		}
 		if !w.storeFree() && w.holder == h.name && w.epoch == h.pol.LeaseEpoch() {
 			w.expiry = w.now + w.cfg.LeaseTTL
-			w.send(i, HLeaseRenewed{SentAt: a.SentAt}, w.delay())
+			w.send(i, HLeaseRenewed(a), w.delay())
 		} else {
 			w.send(i, HLeaseLost{}, w.delay())
 		}
@@ -184,20 +182,20 @@ func (w *simWorld) do(i int, a HostAction) {
 	case ActHMark:
 		if w.reachStore(i) && !w.storeFree() && w.holder == h.name && w.epoch == a.Rec.Epoch {
 			w.record = a.Rec
-			w.send(i, HMarked{Rec: a.Rec}, w.delay())
+			w.send(i, HMarked(a), w.delay())
 		}
 	case ActHBoot:
 		h.vm = simVM{state: vmRunning, primary: true}
 		w.send(i, HBooted{}, 1+w.delay())
 	case ActHPrepare:
 		h.vm = simVM{state: vmRunning, gen: a.Gen}
-		w.send(i, HPrepared{Gen: a.Gen}, 1+w.delay())
+		w.send(i, HPrepared(a), 1+w.delay())
 	case ActHProtect:
 		if !w.linkAB || !w.hosts[peer].alive {
 			w.send(i, HProtectFailed{Gen: a.Gen, Err: "peer unreachable"}, 2)
 			return
 		}
-		w.step(peer, HPrepare{Gen: a.Gen, Epoch: a.Epoch})
+		w.step(peer, HPrepare(a))
 		w.msgs = append(w.msgs, simMsg{at: w.now + 2 + w.delay(), to: i, ev: simProtectDone{gen: a.Gen}})
 	case ActHFence:
 		if h.vm.state == vmRunning {
@@ -241,7 +239,7 @@ func (w *simWorld) do(i int, a HostAction) {
 		}
 	case ActHTearDownPeer:
 		if w.linkAB && w.hosts[peer].alive {
-			w.step(peer, HTearDown{Gen: a.Gen})
+			w.step(peer, HTearDown(a))
 		}
 	default:
 		w.fail("unknown action %T", a)

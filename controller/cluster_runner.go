@@ -51,13 +51,9 @@ type hostRunner struct {
 	prepared    *prepared
 	hbInFlight  atomic.Bool
 	lastHB      atomic.Int64 // unix nanoseconds of the last successful exchange
-	obs         *checkpoint.Observer
-	obsStop     func()
 	pendingPrep chan prepareResult
 
-	mu       sync.Mutex
-	snap     Status
-	watchers map[chan Event2]struct{}
+	pairView // status, watch streams, the observer
 }
 
 type hostCall struct {
@@ -114,9 +110,9 @@ func newHostRunner(a *ClusterAgent, pc PairConfig, side Side) (*hostRunner, erro
 		a: a, pc: pc, name: pc.Spec.Name, side: side, dir: filepath.Join(a.cfg.StateDir, pc.Spec.Name),
 		log: a.log.With("pair", pc.Spec.Name, "host", a.cfg.Host), pol: pol,
 		events: make(chan HostEvent, 64), calls: make(chan hostCall), io: make(chan func(context.Context), 64),
-		stopc: make(chan chan struct{}), done: make(chan struct{}), watchers: map[chan Event2]struct{}{},
+		stopc: make(chan chan struct{}), done: make(chan struct{}),
+		pairView: newPairView(Status{Name: pc.Spec.Name, State: StateStopped, Cluster: true, AutoReprotect: !pc.NoAutoReprotect}),
 	}
-	r.snap = Status{Name: r.name, State: StateStopped, Cluster: true, AutoReprotect: !pc.NoAutoReprotect}
 	if err := os.MkdirAll(r.dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -199,12 +195,7 @@ func (r *hostRunner) run(ctx context.Context) {
 		if r.vm != nil {
 			r.vm.Release()
 		}
-		r.mu.Lock()
-		for ch := range r.watchers {
-			close(ch)
-			delete(r.watchers, ch)
-		}
-		r.mu.Unlock()
+		r.closeWatchers()
 	}()
 	if r.side == SideA {
 		r.step(ctx, HStart{})
@@ -223,13 +214,7 @@ func (r *hostRunner) run(ctx context.Context) {
 		case <-hb.C:
 			r.heartbeat(ctx)
 		case <-statsTick.C:
-			if r.obs != nil {
-				st := r.obs.Stats()
-				r.mu.Lock()
-				r.snap.Checkpoints = st
-				r.mu.Unlock()
-				r.broadcast(Event2{Kind: EventCheckpoints, Time: time.Now(), Stats: &st})
-			}
+			r.publishStats()
 		case c := <-r.calls:
 			rep := hostReply{}
 			acts, err := r.pol.Step(c.ev)
@@ -617,19 +602,6 @@ func (r *hostRunner) recordFailover(t0 time.Time, why, seq string, took time.Dur
 	r.broadcast(Event2{Kind: EventFailover, Time: time.Now(), Failover: rec})
 }
 
-func (r *hostRunner) progress(ev checkpoint.StepEvent) {
-	r.mu.Lock()
-	if ev.Phase == checkpoint.StepStarted {
-		e := ev
-		r.snap.Step = &e
-	} else if ev.Index == ev.Total || ev.Phase == checkpoint.StepFailed {
-		r.snap.Step = nil
-	}
-	r.mu.Unlock()
-	e := ev
-	r.broadcast(Event2{Kind: EventStep, Time: time.Now(), Step: &e})
-}
-
 // protect asks the peer for a secondary and runs the primary's half of the protection.
 func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHProtect, reprotect bool) HostEvent {
 	fail := func(err error) HostEvent { return HProtectFailed{Gen: a.Gen, Err: err.Error()} }
@@ -666,24 +638,8 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
 	cfg := checkpoint.ProtectConfig{
 		Spec: r.pc.Spec, Gen: g, Primary: prim.QMP, SecondaryVersion: resp.GetSecondaryQemuVersion(),
-		DialMigration: func(ctx context.Context) (*os.File, error) {
-			var d net.Dialer
-			conn, err := d.DialContext(ctx, "tcp", migAddr)
-			if err != nil {
-				return nil, err
-			}
-			defer conn.Close()
-			if dup, err := conn.(*net.TCPConn).File(); err == nil {
-				obs.SetMigrationSocket(dup)
-			}
-			return conn.(*net.TCPConn).File()
-		},
-		OnResync: func(off, l int64) {
-			r.mu.Lock()
-			r.snap.ResyncOffset, r.snap.ResyncLength = off, l
-			r.mu.Unlock()
-			r.broadcast(Event2{Kind: EventResync, Time: time.Now(), Resync: [2]int64{off, l}})
-		},
+		DialMigration: dialLink(migAddr, obs),
+		OnResync:      r.resync,
 	}
 	seq := checkpoint.StartProtection(cfg)
 	if reprotect {
@@ -695,7 +651,7 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 		obs.Close()
 		return fail(err)
 	}
-	r.startObserver(obs, sub)
+	r.runObserver(obs, sub)
 	return hostVMEvent{ev: HProtected{Gen: a.Gen}, gen: &g}
 }
 
@@ -782,30 +738,6 @@ func (r *hostRunner) pendingRequest(gen int) *pb.PrepareSecondaryRequest {
 	return v.(*pb.PrepareSecondaryRequest)
 }
 
-func (r *hostRunner) startObserver(obs *checkpoint.Observer, sub *qmp.Subscription) {
-	octx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = obs.Run(octx, sub) }()
-	r.mu.Lock()
-	old := r.obsStop
-	r.obs = obs
-	r.obsStop = func() { cancel(); <-done; sub.Close(); obs.Close() }
-	r.mu.Unlock()
-	if old != nil {
-		old()
-	}
-}
-
-func (r *hostRunner) stopObserver() {
-	r.mu.Lock()
-	stop := r.obsStop
-	r.obs, r.obsStop = nil, nil
-	r.mu.Unlock()
-	if stop != nil {
-		stop()
-	}
-}
-
 // heartbeat sends one heartbeat to the peer, unless one is still on its way.
 func (r *hostRunner) heartbeat(ctx context.Context) {
 	if !r.hbInFlight.CompareAndSwap(false, true) {
@@ -850,18 +782,6 @@ func viewToProto(host string, v PeerView) *pb.PeerSideState {
 func viewFromProto(s *pb.PeerSideState, epoch uint64) PeerView {
 	return PeerView{Role: HostRole(s.GetPolicyRole()), Epoch: epoch, Gen: int(s.GetGeneration()), Colo: s.GetColo(),
 		Fenced: s.GetFenced(), StoreOK: s.GetStoreReachable()}
-}
-
-// status returns this host's view of the pair.
-func (r *hostRunner) status() Status {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	s := r.snap
-	if s.Step != nil {
-		e := *s.Step
-		s.Step = &e
-	}
-	return s
 }
 
 // publish refreshes the status from the policy and tells watchers of a state change.
@@ -945,37 +865,6 @@ func clusterState(role HostRole, colo, fenced bool, peer PeerView, peerOK bool) 
 	return StateStopped
 }
 
-func (r *hostRunner) broadcast(ev Event2) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for ch := range r.watchers {
-		select {
-		case ch <- ev:
-		default:
-		}
-	}
-}
-
 func (r *hostRunner) watch(ctx context.Context) <-chan Event2 {
-	ch := make(chan Event2, 256)
-	st := r.status()
-	ch <- Event2{Kind: EventStatus, Time: time.Now(), Status: &st}
-	r.mu.Lock()
-	r.watchers[ch] = struct{}{}
-	r.mu.Unlock()
-	r.a.wg.Add(1)
-	go func() {
-		defer r.a.wg.Done()
-		select {
-		case <-ctx.Done():
-		case <-r.done:
-		}
-		r.mu.Lock()
-		if _, ok := r.watchers[ch]; ok {
-			delete(r.watchers, ch)
-			close(ch)
-		}
-		r.mu.Unlock()
-	}()
-	return ch
+	return r.pairView.watch(ctx, r.done, &r.a.wg)
 }

@@ -121,13 +121,9 @@ type runner struct {
 	stopReq  chan chan struct{}
 	done     chan struct{} // closed when run returns
 
-	mu        sync.Mutex // guards the fields below, read by status and watch
-	snap      Status
-	pcSnap    PairConfig // copy of pc for readers outside the run goroutine
-	metrics   *pairMetrics
-	obs       *checkpoint.Observer // set by protect workers too
-	obsStop   func()
-	watchers2 map[chan Event2]struct{}
+	pairView            // status, watch streams, the observer (under pairView.mu)
+	pcSnap   PairConfig // copy of pc for readers outside the run goroutine (under mu)
+	metrics  *pairMetrics
 }
 
 func (a *Agent) newRunner(pc PairConfig, p *Policy) *runner {
@@ -136,9 +132,8 @@ func (a *Agent) newRunner(pc PairConfig, p *Policy) *runner {
 		name: pc.Spec.Name, pc: pc, dir: a.pairDir(pc.Spec.Name), agent: a,
 		log: a.log.With("pair", pc.Spec.Name), policy: p,
 		events: make(chan internal, 64), requests: make(chan opRequest), stopReq: make(chan chan struct{}), done: make(chan struct{}),
-		watchers2: map[chan Event2]struct{}{},
+		pairView: newPairView(Status{Name: pc.Spec.Name, State: StateStopped, AutoReprotect: !pc.NoAutoReprotect}),
 	}
-	r.snap = Status{Name: r.name, State: StateStopped, AutoReprotect: !pc.NoAutoReprotect}
 	r.pcSnap = pc
 	r.metrics = newPairMetrics()
 	return r
@@ -213,12 +208,7 @@ func (r *runner) run(ctx context.Context) {
 				r.vms[s].Release()
 			}
 		}
-		r.mu.Lock()
-		for ch := range r.watchers2 {
-			close(ch)
-			delete(r.watchers2, ch)
-		}
-		r.mu.Unlock()
+		r.closeWatchers()
 	}()
 	for {
 		var reason string
@@ -265,16 +255,7 @@ func (r *runner) run(ctx context.Context) {
 			acts, _ := r.policy.Step(EvTick{})
 			r.exec(ctx, acts)
 		case <-statsTick.C:
-			r.mu.Lock()
-			obs := r.obs
-			r.mu.Unlock()
-			if obs != nil {
-				st := obs.Stats()
-				r.mu.Lock()
-				r.snap.Checkpoints = st
-				r.mu.Unlock()
-				r.broadcast(Event2{Kind: EventCheckpoints, Time: time.Now(), Stats: &st})
-			}
+			r.publishStats()
 		}
 		r.publish(reason)
 		r.persist()
@@ -415,19 +396,6 @@ func (r *runner) spawn(ctx context.Context, f func(context.Context) internal) {
 	}()
 }
 
-func (r *runner) progress(ev checkpoint.StepEvent) {
-	r.mu.Lock()
-	if ev.Phase == checkpoint.StepStarted {
-		e := ev
-		r.snap.Step = &e
-	} else if ev.Index == ev.Total || ev.Phase == checkpoint.StepFailed {
-		r.snap.Step = nil
-	}
-	r.mu.Unlock()
-	e := ev
-	r.broadcast(Event2{Kind: EventStep, Time: time.Now(), Step: &e})
-}
-
 func (r *runner) boot(ctx context.Context, s Side) internal {
 	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RolePrimary, Side: r.side(s), Log: r.log})
 	if err != nil {
@@ -491,14 +459,9 @@ func (r *runner) protect(ctx context.Context, a ActProtect) internal {
 	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
 	cfg := checkpoint.ProtectConfig{
 		Spec: r.pc.Spec, Gen: g, Primary: prim.QMP, Secondary: sec.QMP,
-		DialMigration:   dialLink(link, obs),
+		DialMigration:   dialLink(link.Addr().String(), obs),
 		AcceptMigration: acceptLink(link),
-		OnResync: func(off, l int64) {
-			r.mu.Lock()
-			r.snap.ResyncOffset, r.snap.ResyncLength = off, l
-			r.mu.Unlock()
-			r.broadcast(Event2{Kind: EventResync, Time: time.Now(), Resync: [2]int64{off, l}})
-		},
+		OnResync:        r.resync,
 	}
 	seq := checkpoint.StartProtection(cfg)
 	if a.Reprotect {
@@ -532,33 +495,15 @@ func (r *runner) startObserver(prim *checkpoint.VM, os *observerStart) {
 		obs.Observe(&qmp.Event{Name: qmp.EventMigration, Data: []byte(`{"status":"colo"}`), Time: time.Now()})
 	}
 	obs.OnCheckpoint(r.metrics.checkpoint)
-	octx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = obs.Run(octx, sub) }()
-	r.mu.Lock()
-	old := r.obsStop
-	r.obs = obs
-	r.obsStop = func() { cancel(); <-done; sub.Close(); obs.Close() }
-	r.mu.Unlock()
-	if old != nil {
-		old()
-	}
+	r.runObserver(obs, sub)
 }
 
-func (r *runner) stopObserver() {
-	r.mu.Lock()
-	stop := r.obsStop
-	r.obs, r.obsStop = nil, nil
-	r.mu.Unlock()
-	if stop != nil {
-		stop()
-	}
-}
-
-func dialLink(ln net.Listener, obs *checkpoint.Observer) func(context.Context) (*os.File, error) {
+// dialLink opens the migration connection to addr; the observer keeps a copy of the socket to
+// read TCP_INFO (bytes per checkpoint).
+func dialLink(addr string, obs *checkpoint.Observer) func(context.Context) (*os.File, error) {
 	return func(ctx context.Context) (*os.File, error) {
 		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+		c, err := d.DialContext(ctx, "tcp", addr)
 		if err != nil {
 			return nil, err
 		}
@@ -709,18 +654,6 @@ type paramsEvent struct {
 
 func (paramsEvent) isEvent() {}
 
-// status returns a copy of the pair's status.
-func (r *runner) status() Status {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	s := r.snap
-	if s.Step != nil {
-		e := *s.Step
-		s.Step = &e
-	}
-	return s
-}
-
 // publish refreshes the status snapshot from the policy and tells watchers of a state change.
 func (r *runner) publish(reason string) {
 	p := r.policy
@@ -771,37 +704,6 @@ func (r *runner) persist() {
 	}
 }
 
-func (r *runner) broadcast(ev Event2) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for ch := range r.watchers2 {
-		select {
-		case ch <- ev:
-		default: // a watcher that falls behind loses events; the runner never waits
-		}
-	}
-}
-
 func (r *runner) watch(ctx context.Context) <-chan Event2 {
-	ch := make(chan Event2, 256)
-	st := r.status()
-	ch <- Event2{Kind: EventStatus, Time: time.Now(), Status: &st}
-	r.mu.Lock()
-	r.watchers2[ch] = struct{}{}
-	r.mu.Unlock()
-	r.agent.wg.Add(1)
-	go func() {
-		defer r.agent.wg.Done()
-		select {
-		case <-ctx.Done():
-		case <-r.done:
-		}
-		r.mu.Lock()
-		if _, ok := r.watchers2[ch]; ok {
-			delete(r.watchers2, ch)
-			close(ch)
-		}
-		r.mu.Unlock()
-	}()
-	return ch
+	return r.pairView.watch(ctx, r.done, &r.agent.wg)
 }

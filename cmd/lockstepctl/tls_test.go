@@ -1,20 +1,15 @@
 package main
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/lockstepvm/lockstep/internal/testpki"
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
@@ -24,84 +19,19 @@ import (
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 )
 
-// testPKI holds PEM files written to a temporary folder: a CA, a server certificate for
-// 127.0.0.1 and a client certificate both signed by it, and another CA with a client
-// certificate of its own.
-type testPKI struct {
-	ca, serverCert, serverKey, clientCert, clientKey, otherCA, otherCert, otherKey string
-}
+type testPKI = testpki.PKI
 
-func newTestPKI(t *testing.T) testPKI {
-	t.Helper()
-	dir := t.TempDir()
-	write := func(name, typ string, der []byte) string {
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return path
-	}
-	serial := int64(0)
-	// issue signs tmpl with parent (self-signed when parent is nil) and returns the
-	// certificate, its key and their DER.
-	issue := func(tmpl, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey, []byte, []byte) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		serial++
-		tmpl.SerialNumber = big.NewInt(serial)
-		tmpl.NotBefore, tmpl.NotAfter = time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour)
-		if parent == nil {
-			parent, parentKey = tmpl, key
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cert, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatal(err)
-		}
-		keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cert, key, der, keyDER
-	}
-	caTmpl := func(cn string) *x509.Certificate {
-		return &x509.Certificate{Subject: pkix.Name{CommonName: cn}, IsCA: true, BasicConstraintsValid: true,
-			KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
-	}
-	leaf := func(cn string, usage x509.ExtKeyUsage) *x509.Certificate {
-		return &x509.Certificate{Subject: pkix.Name{CommonName: cn}, KeyUsage: x509.KeyUsageDigitalSignature,
-			ExtKeyUsage: []x509.ExtKeyUsage{usage}}
-	}
-	var p testPKI
-	ca, caKey, der, _ := issue(caTmpl("lockstep test CA"), nil, nil)
-	p.ca = write("ca.pem", "CERTIFICATE", der)
-	srv := leaf("lockstepd", x509.ExtKeyUsageServerAuth)
-	srv.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
-	_, _, der, keyDER := issue(srv, ca, caKey)
-	p.serverCert, p.serverKey = write("server.pem", "CERTIFICATE", der), write("server.key", "PRIVATE KEY", keyDER)
-	_, _, der, keyDER = issue(leaf("operator", x509.ExtKeyUsageClientAuth), ca, caKey)
-	p.clientCert, p.clientKey = write("client.pem", "CERTIFICATE", der), write("client.key", "PRIVATE KEY", keyDER)
-	other, otherKey, der, _ := issue(caTmpl("some other CA"), nil, nil)
-	p.otherCA = write("other-ca.pem", "CERTIFICATE", der)
-	_, _, der, keyDER = issue(leaf("intruder", x509.ExtKeyUsageClientAuth), other, otherKey)
-	p.otherCert, p.otherKey = write("other.pem", "CERTIFICATE", der), write("other.key", "PRIVATE KEY", keyDER)
-	return p
-}
+func newTestPKI(t *testing.T) testPKI { return testpki.New(t) }
 
 // tlsAgentAddr serves the PairService of an agent with no pairs on 127.0.0.1 with mutual TLS,
 // as lockstepd does with --tls-cert, --tls-key and --tls-ca, until the test ends.
 func tlsAgentAddr(t *testing.T, p testPKI) string {
 	t.Helper()
-	cert, err := tls.LoadX509KeyPair(p.serverCert, p.serverKey)
+	cert, err := tls.LoadX509KeyPair(p.ServerCert, p.ServerKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	caPEM, err := os.ReadFile(p.ca)
+	caPEM, err := os.ReadFile(p.CA)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +66,7 @@ func TestTLSClient(t *testing.T) {
 	missing := filepath.Join(dir, "missing.pem")
 	notPEM := filepath.Join(dir, "not.pem")
 	os.WriteFile(notPEM, []byte("this is no certificate\n"), 0o600)
-	good := []string{"--tls-cert", p.clientCert, "--tls-key", p.clientKey, "--tls-ca", p.ca}
+	good := []string{"--tls-cert", p.ClientCert, "--tls-key", p.ClientKey, "--tls-ca", p.CA}
 	with := func(args ...string) []string {
 		return append([]string{"--addr", addr, "--timeout", "5s"}, args...)
 	}
@@ -154,25 +84,25 @@ func TestTLSClient(t *testing.T) {
 			[]string{"is lockstepd running and serving " + addr, "an agent with mutual TLS needs --tls-cert, --tls-key and --tls-ca"}, ""},
 		// Go's client offers only a certificate from a CA the agent names, so it offers none
 		// here, and the agent refuses the connection.
-		{"certificate from another CA", with("--tls-cert", p.otherCert, "--tls-key", p.otherKey, "--tls-ca", p.ca, "list"), exitFailed,
+		{"certificate from another CA", with("--tls-cert", p.OtherCert, "--tls-key", p.OtherKey, "--tls-ca", p.CA, "list"), exitFailed,
 			[]string{"is lockstepd running"}, ""},
-		{"agent's certificate not from --tls-ca", with("--tls-cert", p.clientCert, "--tls-key", p.clientKey, "--tls-ca", p.otherCA, "list"), exitFailed,
+		{"agent's certificate not from --tls-ca", with("--tls-cert", p.ClientCert, "--tls-key", p.ClientKey, "--tls-ca", p.OtherCA, "list"), exitFailed,
 			[]string{"authentication handshake failed", "certificate signed by unknown authority"}, ""},
-		{"half of the tls flags", with("--tls-cert", p.clientCert, "list"), exitUsage,
+		{"half of the tls flags", with("--tls-cert", p.ClientCert, "list"), exitUsage,
 			[]string{"mutual TLS needs --tls-cert, --tls-key and --tls-ca together"}, ""},
-		{"missing cert", with("--tls-cert", missing, "--tls-key", p.clientKey, "--tls-ca", p.ca, "list"), exitUsage,
+		{"missing cert", with("--tls-cert", missing, "--tls-key", p.ClientKey, "--tls-ca", p.CA, "list"), exitUsage,
 			[]string{"--tls-cert", missing, "no such file"}, ""},
-		{"missing key", with("--tls-cert", p.clientCert, "--tls-key", missing, "--tls-ca", p.ca, "list"), exitUsage,
+		{"missing key", with("--tls-cert", p.ClientCert, "--tls-key", missing, "--tls-ca", p.CA, "list"), exitUsage,
 			[]string{"--tls-key", missing, "no such file"}, ""},
-		{"missing ca", with("--tls-cert", p.clientCert, "--tls-key", p.clientKey, "--tls-ca", missing, "list"), exitUsage,
+		{"missing ca", with("--tls-cert", p.ClientCert, "--tls-key", p.ClientKey, "--tls-ca", missing, "list"), exitUsage,
 			[]string{"--tls-ca", missing, "no such file"}, ""},
-		{"unreadable cert", with("--tls-cert", dir, "--tls-key", p.clientKey, "--tls-ca", p.ca, "list"), exitUsage,
+		{"unreadable cert", with("--tls-cert", dir, "--tls-key", p.ClientKey, "--tls-ca", p.CA, "list"), exitUsage,
 			[]string{"--tls-cert", dir, "is a directory"}, ""},
-		{"cert not PEM", with("--tls-cert", notPEM, "--tls-key", p.clientKey, "--tls-ca", p.ca, "list"), exitUsage,
+		{"cert not PEM", with("--tls-cert", notPEM, "--tls-key", p.ClientKey, "--tls-ca", p.CA, "list"), exitUsage,
 			[]string{"--tls-cert " + notPEM, "certificate input"}, ""},
-		{"key of another certificate", with("--tls-cert", p.clientCert, "--tls-key", p.otherKey, "--tls-ca", p.ca, "list"), exitUsage,
-			[]string{p.clientCert, p.otherKey, "does not match"}, ""},
-		{"ca not PEM", with("--tls-cert", p.clientCert, "--tls-key", p.clientKey, "--tls-ca", notPEM, "list"), exitUsage,
+		{"key of another certificate", with("--tls-cert", p.ClientCert, "--tls-key", p.OtherKey, "--tls-ca", p.CA, "list"), exitUsage,
+			[]string{p.ClientCert, p.OtherKey, "does not match"}, ""},
+		{"ca not PEM", with("--tls-cert", p.ClientCert, "--tls-key", p.ClientKey, "--tls-ca", notPEM, "list"), exitUsage,
 			[]string{"--tls-ca " + notPEM, "no certificate"}, ""},
 		{"tls flags with a unix socket", append([]string{"--addr", "unix:///nonexistent/api.sock"}, append(good, "list")...), exitUsage,
 			[]string{"are for a tcp:// address"}, ""},

@@ -2,16 +2,10 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"os"
 	"os/signal"
@@ -20,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lockstepvm/lockstep/internal/testpki"
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
@@ -32,73 +28,9 @@ import (
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 )
 
-// testPKI holds PEM files written to a temporary folder: a CA, a server certificate for
-// 127.0.0.1 and a client certificate both signed by it, and a client certificate signed by
-// another CA.
-type testPKI struct {
-	ca, serverCert, serverKey, clientCert, clientKey, otherCA, otherCert, otherKey string
-}
+type testPKI = testpki.PKI
 
-func newTestPKI(t *testing.T) testPKI {
-	t.Helper()
-	dir := t.TempDir()
-	write := func(name, typ string, der []byte) string {
-		path := filepath.Join(dir, name)
-		if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return path
-	}
-	serial := int64(0)
-	issue := func(tmpl *x509.Certificate, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey, []byte, []byte) {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			t.Fatal(err)
-		}
-		serial++
-		tmpl.SerialNumber = big.NewInt(serial)
-		tmpl.NotBefore = time.Now().Add(-time.Hour)
-		tmpl.NotAfter = time.Now().Add(24 * time.Hour)
-		if parent == nil { // self-signed
-			parent, parentKey = tmpl, key
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cert, err := x509.ParseCertificate(der)
-		if err != nil {
-			t.Fatal(err)
-		}
-		keyDER, err := x509.MarshalPKCS8PrivateKey(key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return cert, key, der, keyDER
-	}
-	caTmpl := func(cn string) *x509.Certificate {
-		return &x509.Certificate{Subject: pkix.Name{CommonName: cn}, IsCA: true, BasicConstraintsValid: true,
-			KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
-	}
-	leaf := func(cn string, usage x509.ExtKeyUsage) *x509.Certificate {
-		return &x509.Certificate{Subject: pkix.Name{CommonName: cn}, KeyUsage: x509.KeyUsageDigitalSignature,
-			ExtKeyUsage: []x509.ExtKeyUsage{usage}}
-	}
-	var p testPKI
-	ca, caKey, der, _ := issue(caTmpl("lockstep test CA"), nil, nil)
-	p.ca = write("ca.pem", "CERTIFICATE", der)
-	srv := leaf("lockstepd", x509.ExtKeyUsageServerAuth)
-	srv.IPAddresses = []net.IP{net.IPv4(127, 0, 0, 1)}
-	_, _, der, keyDER := issue(srv, ca, caKey)
-	p.serverCert, p.serverKey = write("server.pem", "CERTIFICATE", der), write("server.key", "PRIVATE KEY", keyDER)
-	_, _, der, keyDER = issue(leaf("operator", x509.ExtKeyUsageClientAuth), ca, caKey)
-	p.clientCert, p.clientKey = write("client.pem", "CERTIFICATE", der), write("client.key", "PRIVATE KEY", keyDER)
-	other, otherKey, der, _ := issue(caTmpl("some other CA"), nil, nil)
-	p.otherCA = write("other-ca.pem", "CERTIFICATE", der)
-	_, _, der, keyDER = issue(leaf("intruder", x509.ExtKeyUsageClientAuth), other, otherKey)
-	p.otherCert, p.otherKey = write("other.pem", "CERTIFICATE", der), write("other.key", "PRIVATE KEY", keyDER)
-	return p
-}
+func newTestPKI(t *testing.T) testPKI { return testpki.New(t) }
 
 // clientTLS is a client's TLS configuration trusting caFile, with the client certificate
 // certFile/keyFile unless they are empty.
@@ -243,9 +175,9 @@ func waitReady(t *testing.T, addr string, ready func(string) error, done chan in
 func TestMutualTLS(t *testing.T) {
 	checkLeaks(t)
 	p := newTestPKI(t)
-	good := clientTLS(t, p.ca, p.clientCert, p.clientKey)
+	good := clientTLS(t, p.CA, p.ClientCert, p.ClientKey)
 	addr := startTCPAgent(t, func(addr string) error { return call(addr, good) },
-		"--tls-cert", p.serverCert, "--tls-key", p.serverKey, "--tls-ca", p.ca)
+		"--tls-cert", p.ServerCert, "--tls-key", p.ServerKey, "--tls-ca", p.CA)
 
 	if err := call(addr, good); err != nil {
 		t.Fatalf("client with a good certificate: %v", err)
@@ -263,12 +195,12 @@ func TestMutualTLS(t *testing.T) {
 		creds credentials.TransportCredentials
 		want  []string // any of these in the error's message
 	}{
-		{"no client certificate, TLS 1.2", clientTLSVersion(t, tls.VersionTLS12, p.ca, "", ""),
+		{"no client certificate, TLS 1.2", clientTLSVersion(t, tls.VersionTLS12, p.CA, "", ""),
 			[]string{"authentication handshake failed: remote error: tls: handshake failure"}},
-		{"certificate from another CA, TLS 1.2", clientTLSVersion(t, tls.VersionTLS12, p.ca, p.otherCert, p.otherKey),
+		{"certificate from another CA, TLS 1.2", clientTLSVersion(t, tls.VersionTLS12, p.CA, p.OtherCert, p.OtherKey),
 			[]string{"authentication handshake failed: remote error: tls: unknown certificate authority"}},
-		{"no client certificate, TLS 1.3", clientTLS(t, p.ca, "", ""), tls13Refusal("certificate required")},
-		{"certificate from another CA, TLS 1.3", clientTLS(t, p.ca, p.otherCert, p.otherKey), tls13Refusal("unknown certificate authority")},
+		{"no client certificate, TLS 1.3", clientTLS(t, p.CA, "", ""), tls13Refusal("certificate required")},
+		{"certificate from another CA, TLS 1.3", clientTLS(t, p.CA, p.OtherCert, p.OtherKey), tls13Refusal("unknown certificate authority")},
 		// The agent closes a connection that does not start with a TLS handshake.
 		{"plaintext client", insecure.NewCredentials(), []string{"error reading server preface", "connection reset by peer", "broken pipe"}},
 	}
@@ -296,7 +228,7 @@ func TestMutualTLS(t *testing.T) {
 		})
 	}
 	// The good client does not trust a server whose certificate is not from the CA it knows.
-	if err := call(addr, clientTLS(t, p.otherCA, p.clientCert, p.clientKey)); err == nil ||
+	if err := call(addr, clientTLS(t, p.OtherCA, p.ClientCert, p.ClientKey)); err == nil ||
 		!strings.Contains(err.Error(), "certificate signed by unknown authority") {
 		t.Errorf("client trusting another CA: %v, want an unknown-authority error", err)
 	}
@@ -354,16 +286,16 @@ func TestTLSFlagErrors(t *testing.T) {
 		want []string
 	}{
 		{"tcp without tls or --insecure", nil, []string{"tcp://" + addr, "--tls-cert, --tls-key, --tls-ca", "--insecure"}},
-		{"cert without key and ca", []string{"--tls-cert", p.serverCert}, []string{"--tls-cert, --tls-key and --tls-ca together"}},
-		{"key and ca without cert", []string{"--tls-key", p.serverKey, "--tls-ca", p.ca}, []string{"--tls-cert, --tls-key and --tls-ca together"}},
-		{"missing cert", []string{"--tls-cert", missing, "--tls-key", p.serverKey, "--tls-ca", p.ca}, []string{"--tls-cert", missing, "no such file"}},
-		{"missing key", []string{"--tls-cert", p.serverCert, "--tls-key", missing, "--tls-ca", p.ca}, []string{"--tls-key", missing, "no such file"}},
-		{"missing ca", []string{"--tls-cert", p.serverCert, "--tls-key", p.serverKey, "--tls-ca", missing}, []string{"--tls-ca", missing, "no such file"}},
-		{"unreadable cert", []string{"--tls-cert", aDir, "--tls-key", p.serverKey, "--tls-ca", p.ca}, []string{"--tls-cert", aDir, "is a directory"}},
-		{"cert not PEM", []string{"--tls-cert", notPEM, "--tls-key", p.serverKey, "--tls-ca", p.ca}, []string{"--tls-cert " + notPEM, "certificate input"}},
-		{"key not PEM", []string{"--tls-cert", p.serverCert, "--tls-key", notPEM, "--tls-ca", p.ca}, []string{"--tls-key " + notPEM, "key input"}},
-		{"key of another certificate", []string{"--tls-cert", p.serverCert, "--tls-key", p.clientKey, "--tls-ca", p.ca}, []string{p.serverCert, p.clientKey, "does not match"}},
-		{"ca not PEM", []string{"--tls-cert", p.serverCert, "--tls-key", p.serverKey, "--tls-ca", notPEM}, []string{"--tls-ca " + notPEM, "no certificate"}},
+		{"cert without key and ca", []string{"--tls-cert", p.ServerCert}, []string{"--tls-cert, --tls-key and --tls-ca together"}},
+		{"key and ca without cert", []string{"--tls-key", p.ServerKey, "--tls-ca", p.CA}, []string{"--tls-cert, --tls-key and --tls-ca together"}},
+		{"missing cert", []string{"--tls-cert", missing, "--tls-key", p.ServerKey, "--tls-ca", p.CA}, []string{"--tls-cert", missing, "no such file"}},
+		{"missing key", []string{"--tls-cert", p.ServerCert, "--tls-key", missing, "--tls-ca", p.CA}, []string{"--tls-key", missing, "no such file"}},
+		{"missing ca", []string{"--tls-cert", p.ServerCert, "--tls-key", p.ServerKey, "--tls-ca", missing}, []string{"--tls-ca", missing, "no such file"}},
+		{"unreadable cert", []string{"--tls-cert", aDir, "--tls-key", p.ServerKey, "--tls-ca", p.CA}, []string{"--tls-cert", aDir, "is a directory"}},
+		{"cert not PEM", []string{"--tls-cert", notPEM, "--tls-key", p.ServerKey, "--tls-ca", p.CA}, []string{"--tls-cert " + notPEM, "certificate input"}},
+		{"key not PEM", []string{"--tls-cert", p.ServerCert, "--tls-key", notPEM, "--tls-ca", p.CA}, []string{"--tls-key " + notPEM, "key input"}},
+		{"key of another certificate", []string{"--tls-cert", p.ServerCert, "--tls-key", p.ClientKey, "--tls-ca", p.CA}, []string{p.ServerCert, p.ClientKey, "does not match"}},
+		{"ca not PEM", []string{"--tls-cert", p.ServerCert, "--tls-key", p.ServerKey, "--tls-ca", notPEM}, []string{"--tls-ca " + notPEM, "no certificate"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -91,6 +91,11 @@ func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
 	t.Cleanup(func() {
 		// The agents leave their QEMUs running by design: kill them by the PIDs the agents wrote.
 		for _, h := range []string{"A", "B"} {
+			if t.Failed() {
+				if b, err := os.ReadFile(filepath.Join(c.dir, h, "state", "db1", "qemu", "console.log")); err == nil {
+					t.Logf("guest console on %s (last 3000 bytes):\n%s", h, b[max(0, len(b)-3000):])
+				}
+			}
 			if pid, err := checkpoint.ReadPID(filepath.Join(c.dir, h, "state", "db1", "qemu")); err == nil {
 				_ = syscall.Kill(pid, syscall.SIGKILL)
 			}
@@ -169,6 +174,54 @@ func (c *cluster) connect() *client.Client {
 	return nil
 }
 
+// qemuPID reads the pid of host's QEMU for the pair.
+func (c *cluster) qemuPID(host string) int {
+	pid, err := checkpoint.ReadPID(filepath.Join(c.dir, host, "state", "db1", "qemu"))
+	if err != nil {
+		c.t.Fatalf("QEMU pid on %s: %v", host, err)
+	}
+	return pid
+}
+
+// TestTwoHostsQEMUCrashFastPath: host A's primary QEMU crashes while its agent lives; A hands
+// the lease over at once and B's secondary takes over. The client's connection carries on, and
+// nothing it saw acknowledged is lost.
+func TestTwoHostsQEMUCrashFastPath(t *testing.T) {
+	c, spec := newCluster(t)
+	api := dialAPI(t, c.agents["A"].sock)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if _, err := api.CreatePair(ctx, &pb.CreatePairRequest{Spec: spec}); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	cl := c.connect()
+	w := startWriterOn(t, cl, 20*time.Millisecond)
+	st := c.waitOn("A", pb.PairState_PAIR_STATE_PROTECTED, 3*time.Minute)
+	t.Logf("protected: epoch %d generation %d", st.GetEpoch(), st.GetGeneration())
+	c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 30*time.Second)
+	w.waitAcked(t, w.Acked()+25, 30*time.Second)
+
+	pid := c.qemuPID("A")
+	kill := time.Now()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	before := w.Acked()
+	w.waitAcked(t, before+10, 30*time.Second)
+	first, _ := w.firstAckAfter(kill)
+	t.Logf("fast path: kill -9 of A's QEMU -> first ack on the same connection %v", first.Sub(kill).Round(time.Millisecond))
+	stB := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
+	if stB.GetEpoch() <= st.GetEpoch() {
+		t.Errorf("epoch after the takeover %d, want above %d", stB.GetEpoch(), st.GetEpoch())
+	}
+	if stB.GetPrimaryHost() != "B" {
+		t.Errorf("primary after the takeover %q, want B", stB.GetPrimaryHost())
+	}
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, all in the guest's memory and on its disk; re-protected at epoch %d generation %d", n, stB.GetEpoch(), stB.GetGeneration())
+}
+
 // protectWithWriter creates the pair through A's API, connects the client from the client node
 // and waits until both hosts report the pair protected with records flowing.
 func (c *cluster) protectWithWriter(spec *pb.PairSpec) (*writer, *pb.PairStatus) {
@@ -184,6 +237,29 @@ func (c *cluster) protectWithWriter(spec *pb.PairSpec) (*writer, *pb.PairStatus)
 	c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 30*time.Second)
 	w.waitAcked(t, w.Acked()+25, 30*time.Second)
 	return w, st
+}
+
+// TestTwoHostsHostLoss: host A is lost, its agent and its QEMU killed together; B takes over
+// once A's lease expired, and the client's connection carries on with nothing lost.
+func TestTwoHostsHostLoss(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	pid := c.qemuPID("A")
+	kill := time.Now()
+	c.agents["A"].kill()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	before := w.Acked()
+	w.waitAcked(t, before+10, 30*time.Second)
+	first, _ := w.firstAckAfter(kill)
+	t.Logf("host loss: kill of A's agent and QEMU -> first ack on the same connection %v", first.Sub(kill).Round(time.Millisecond))
+	stB := c.waitOn("B", pb.PairState_PAIR_STATE_DEGRADED, 30*time.Second)
+	if stB.GetEpoch() <= st.GetEpoch() || stB.GetPrimaryHost() != "B" {
+		t.Errorf("after the host loss: primary %q at epoch %d, want B above epoch %d", stB.GetPrimaryHost(), stB.GetEpoch(), st.GetEpoch())
+	}
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, all in the guest's memory and on its disk; B runs alone at epoch %d", n, stB.GetEpoch())
 }
 
 // TestTwoHostsLinkCut: the A-B link is cut while both reach the store: A keeps the primary role

@@ -52,7 +52,7 @@ type ClusterConfig struct {
 	// granularity is whole seconds) are the failure-detection timings. A host loss fails over
 	// about LeaseTTL after the host died; a QEMU crash hands over at once.
 	HeartbeatInterval, HeartbeatTimeout, LeaseTTL time.Duration
-	// FenceMargin is how long before its lease could expire a primary freezes its VM (250 ms).
+	// FenceMargin is how long before its lease could expire a primary freezes its VM (200 ms).
 	FenceMargin time.Duration
 }
 
@@ -78,7 +78,7 @@ func (c *ClusterConfig) defaults() error {
 	set(&c.HeartbeatInterval, 100*time.Millisecond)
 	set(&c.HeartbeatTimeout, 500*time.Millisecond)
 	set(&c.LeaseTTL, time.Second)
-	set(&c.FenceMargin, 250*time.Millisecond)
+	set(&c.FenceMargin, 200*time.Millisecond)
 	if c.LeaseTTL%time.Second != 0 {
 		return fmt.Errorf("cluster: lease TTL %v: the store counts leases in whole seconds", c.LeaseTTL)
 	}

@@ -365,6 +365,12 @@ func (r *hostRunner) storeCtx(ctx context.Context) (context.Context, context.Can
 	return context.WithTimeout(ctx, r.a.cfg.HeartbeatTimeout)
 }
 
+// probeCtx bounds renewals and probes more tightly: a secondary must learn that the store is
+// gone, and confirm so, before its primary's lease deadline freezes the primary.
+func (r *hostRunner) probeCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, min(r.a.cfg.HeartbeatTimeout, r.a.cfg.LeaseTTL/4))
+}
+
 func (r *hostRunner) storeEvent(err error) HostEvent {
 	if errors.Is(err, coord.ErrLeaseLost) {
 		return HLeaseLost{}
@@ -406,7 +412,7 @@ func (r *hostRunner) exec(ctx context.Context, acts []HostAction) {
 		case ActHRenew:
 			h := r.held
 			r.queue(func(ctx context.Context) {
-				cctx, cancel := r.storeCtx(ctx)
+				cctx, cancel := r.probeCtx(ctx)
 				defer cancel()
 				if err := st.Renew(cctx, h); err != nil {
 					r.post(ctx, r.storeEvent(err))
@@ -427,7 +433,7 @@ func (r *hostRunner) exec(ctx context.Context, acts []HostAction) {
 			})
 		case ActHProbeStore:
 			r.queue(func(ctx context.Context) {
-				cctx, cancel := r.storeCtx(ctx)
+				cctx, cancel := r.probeCtx(ctx)
 				defer cancel()
 				li, err := st.Current(cctx, r.name)
 				if err != nil {

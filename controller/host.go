@@ -479,8 +479,15 @@ func (h *HostPolicy) Step(ev HostEvent) ([]HostAction, error) {
 	case HPeerReply:
 		if e.View.Confirm && h.isPrimary() {
 			h.confirmUntil = max(h.confirmUntil, e.SentAt+h.cfg.HeartbeatTimeout-h.cfg.FenceMargin)
+			if h.fenced && h.fencedEpoch == h.leaseEpoch && h.mayRun() {
+				// Frozen because the store went away before the secondary said so: the
+				// secondary is still in COLO with us and will not take over while it
+				// confirms, so nobody else runs the VM.
+				h.fenced, h.why = false, "running on the secondary's confirmation: the store is unreachable"
+				acts = append(acts, ActHUnfence{})
+			}
 		}
-		acts = h.peerHeard(e.SentAt, e.View)
+		acts = append(acts, h.peerHeard(e.SentAt, e.View)...)
 	case HPeerRequest:
 		acts = h.peerHeard(h.now, e.View)
 	case HLocalFailed:

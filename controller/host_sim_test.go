@@ -473,3 +473,42 @@ func (w *simWorld) restart(i int) {
 	w.hosts[i] = &simHost{name: w.hosts[i].name, pol: p, alive: true}
 	w.logf("env: host %s back (a fresh agent, no VM)", w.hosts[i].name)
 }
+
+// TestHostPolicyStoreOutage: with both sides healthy and in COLO, an outage of the store alone
+// (however long) fails nothing over and keeps the guest's output flowing: the secondary's
+// confirmations stand in for the lease.
+func TestHostPolicyStoreOutage(t *testing.T) {
+	rapid.Check(t, func(rt *rapid.T) {
+		w := newSimWorld(rt, hostSimConfig)
+		w.runUntilProtected(60)
+		for k := rapid.IntRange(0, 20).Draw(rt, "before"); k > 0; k-- {
+			w.advance()
+		}
+		w.storeUp = false
+		w.logf("env: store down")
+		outage := rapid.IntRange(20, 300).Draw(rt, "outage")
+		for k := 0; k < outage; k++ {
+			before := len(w.client)
+			w.advance()
+			if !w.protected() {
+				w.fail("store outage: the pair left COLO at tick %d of the outage: a=%s b=%s", k, w.hosts[0].pol.Role(), w.hosts[1].pol.Role())
+			}
+			if len(w.client) == before && k > 0 {
+				w.fail("store outage: no output released at tick %d of the outage", k)
+			}
+		}
+		w.storeUp = true
+		w.logf("env: store up")
+		for k := 0; k < 50; k++ {
+			w.advance()
+		}
+		if !w.protected() {
+			w.fail("the pair is not protected 50 ticks after the store came back")
+		}
+		for _, h := range w.hosts {
+			if h.pol.Failovers() != 0 {
+				w.fail("%s failed over during a store outage", h.name)
+			}
+		}
+	})
+}

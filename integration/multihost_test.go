@@ -30,6 +30,7 @@ type cluster struct {
 	dir    string
 	bin    string
 	agents map[string]*nsDaemon
+	etcd   *nsDaemon
 }
 
 // nsDaemon is a lockstepd started by the test inside a node's namespace.
@@ -102,7 +103,7 @@ func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
 		}
 	})
 	etcdURL := fmt.Sprintf("http://%s", netip.AddrPortFrom(lab.Node("etcd").IP(), 2379))
-	c.start(lab.Node("etcd"), "--etcd-serve", etcdURL)
+	c.etcd = c.start(lab.Node("etcd"), "--etcd-serve", etcdURL)
 	for _, h := range []string{"A", "B"} {
 		n := lab.Node(h)
 		if _, err := n.AddTap("vm0"); err != nil {
@@ -294,4 +295,125 @@ func TestTwoHostsLinkCut(t *testing.T) {
 	w.waitAcked(t, w.Acked()+10, 30*time.Second)
 	n := w.verify(t)
 	t.Logf("%d records acknowledged, none lost; protected again at generation %d", n, back.GetGeneration())
+}
+
+// procState returns the state letter of /proc/PID/stat (R, S, T for stopped, ...).
+func procState(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return "gone"
+	}
+	// The state follows the command name, which is in parentheses and may hold spaces.
+	for i := len(b) - 1; i >= 0; i-- {
+		if b[i] == ')' && i+2 < len(b) {
+			return string(b[i+2])
+		}
+	}
+	return "?"
+}
+
+// TestTwoHostsPrimaryIsolated: host A is cut from the store and from B while B still reaches
+// the store. A freezes its VM before its lease can expire; only then does B take over. The
+// client, still on the LAN, keeps its connection and loses nothing; when A is back, its stale
+// VM is killed and B protects itself with a fresh secondary on A.
+func TestTwoHostsPrimaryIsolated(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	pidA := c.qemuPID("A")
+	apiB := dialAPI(t, c.agents["B"].sock)
+	cut := time.Now()
+	if err := c.lab.Isolate(c.lab.Node("A")); err != nil {
+		t.Fatal(err)
+	}
+	var frozenAt, takenAt time.Time
+	for time.Since(cut) < 30*time.Second && (frozenAt.IsZero() || takenAt.IsZero()) {
+		if frozenAt.IsZero() && procState(pidA) == "T" {
+			frozenAt = time.Now()
+		}
+		if takenAt.IsZero() {
+			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+			resp, err := apiB.GetPair(ctx, &pb.GetPairRequest{Name: "db1"})
+			cancel()
+			if err == nil && resp.GetPair().GetStatus().GetEpoch() > st.GetEpoch() && resp.GetPair().GetStatus().GetPrimaryHost() == "B" {
+				takenAt = time.Now()
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if frozenAt.IsZero() {
+		t.Fatalf("A's QEMU (pid %d) was never frozen; its state is %s", pidA, procState(pidA))
+	}
+	if takenAt.IsZero() {
+		t.Fatal("B never took over")
+	}
+	if !frozenAt.Before(takenAt) {
+		t.Fatalf("B took over %v after the cut, before A froze its VM at %v", takenAt.Sub(cut), frozenAt.Sub(cut))
+	}
+	t.Logf("isolation of A: A froze its VM %v after the cut, B was primary %v after it", frozenAt.Sub(cut).Round(time.Millisecond), takenAt.Sub(cut).Round(time.Millisecond))
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	first, _ := w.firstAckAfter(cut)
+	t.Logf("first ack after the cut %v", first.Sub(cut).Round(time.Millisecond))
+	if err := c.lab.Rejoin(c.lab.Node("A")); err != nil {
+		t.Fatal(err)
+	}
+	back := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
+	if procState(pidA) != "gone" && procState(pidA) != "Z" {
+		t.Errorf("A's stale QEMU (pid %d) still exists after A rejoined: state %s", pidA, procState(pidA))
+	}
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, none lost; protected again with B primary at epoch %d generation %d", n, back.GetEpoch(), back.GetGeneration())
+}
+
+// TestTwoHostsStoreDown: the coordination store stops for 30 s (its process is SIGSTOPped).
+// Nothing fails over; the pair stays protected, the status says the store is unreachable, and
+// the client's writes carry on.
+func TestTwoHostsStoreDown(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	apiA := dialAPI(t, c.agents["A"].sock)
+	pid := c.etcd.cmd.Process.Pid
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	t.Cleanup(func() { _ = syscall.Kill(pid, syscall.SIGCONT) })
+	sawUnreachable := false
+	before := w.Acked()
+	for time.Since(stopped) < 30*time.Second {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		resp, err := apiA.GetPair(ctx, &pb.GetPairRequest{Name: "db1"})
+		cancel()
+		if err != nil {
+			t.Fatalf("status during the outage: %v", err)
+		}
+		s := resp.GetPair().GetStatus()
+		if s.GetState() != pb.PairState_PAIR_STATE_PROTECTED {
+			t.Fatalf("%v into the store outage the pair is %v (%s)", time.Since(stopped).Round(time.Millisecond), s.GetState(), s.GetStateReason())
+		}
+		if !s.GetStoreReachable() {
+			sawUnreachable = true
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	if !sawUnreachable {
+		t.Error("the status never said the store was unreachable during the outage")
+	}
+	during := w.Acked() - before
+	w.mu.Lock()
+	longest := w.maxWait
+	w.mu.Unlock()
+	t.Logf("store down 30 s: pair protected throughout, %d records acknowledged during the outage, the client's longest wait %v", during, longest.Round(time.Millisecond))
+	if during < 100 {
+		t.Errorf("only %d records acknowledged in 30 s of store outage", during)
+	}
+	after := c.waitOn("A", pb.PairState_PAIR_STATE_PROTECTED, 30*time.Second)
+	if after.GetPrimaryHost() != "A" || after.GetGeneration() != st.GetGeneration() {
+		t.Errorf("after the outage: primary %q generation %d, want A at generation %d (nothing failed over)", after.GetPrimaryHost(), after.GetGeneration(), st.GetGeneration())
+	}
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, none lost; epoch %d -> %d", n, st.GetEpoch(), after.GetEpoch())
 }

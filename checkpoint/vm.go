@@ -140,6 +140,9 @@ type LaunchConfig struct {
 	Log         *slog.Logger
 	// StartTimeout bounds the wait for QEMU's QMP socket (default 30 s).
 	StartTimeout time.Duration
+	// Start, when set, starts the prepared command instead of cmd.Start (an agent that must
+	// not leave its QEMUs running without it starts them with a parent-death signal).
+	Start func(*exec.Cmd) error
 }
 
 // Launch validates the configuration, prepares the side's files and starts QEMU. A bad
@@ -182,7 +185,11 @@ func Launch(ctx context.Context, c LaunchConfig) (*VM, error) {
 	cmd := exec.Command(s.QEMU[0], full...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	start := c.Start
+	if start == nil {
+		start = (*exec.Cmd).Start
+	}
+	if err := start(cmd); err != nil {
 		logf.Close()
 		return nil, fmt.Errorf("starting QEMU (%s): %w", s.QEMU[0], err)
 	}

@@ -108,6 +108,8 @@ type ClusterAgent struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
+	spawn *spawner // starts this agent's QEMUs so that they die with it
+
 	mu      sync.Mutex
 	runners map[string]*hostRunner
 	conns   map[string]*grpc.ClientConn // peer agents by host
@@ -125,16 +127,18 @@ func NewClusterAgent(cfg ClusterConfig) (*ClusterAgent, error) {
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	a := &ClusterAgent{cfg: cfg, log: cfg.Log, ctx: ctx, cancel: cancel, runners: map[string]*hostRunner{}, conns: map[string]*grpc.ClientConn{}}
+	a := &ClusterAgent{cfg: cfg, log: cfg.Log, ctx: ctx, cancel: cancel, runners: map[string]*hostRunner{}, conns: map[string]*grpc.ClientConn{}, spawn: newSpawner()}
 	a.wg.Add(1)
 	go func() { defer a.wg.Done(); a.follow(ctx) }()
 	return a, nil
 }
 
-// Close stops the agent's goroutines. The QEMUs keep running.
+// Close stops the agent. Its QEMUs stop with it (see spawner): the peers take over what ran
+// here, as after a host loss. Use a planned switchover first to move a VM without a pause.
 func (a *ClusterAgent) Close() {
 	a.cancel()
 	a.wg.Wait()
+	a.spawn.stop()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, c := range a.conns {

@@ -463,7 +463,7 @@ func (r *hostRunner) exec(ctx context.Context, acts []HostAction) {
 			r.killVM(a.Why)
 		case ActHBoot:
 			r.spawn(ctx, func(ctx context.Context) HostEvent {
-				vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RolePrimary, Side: r.localSide(), Log: r.log})
+				vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RolePrimary, Side: r.localSide(), Log: r.log, Start: r.a.spawn.start})
 				if err != nil {
 					return HBootFailed{Err: err.Error()}
 				}
@@ -685,7 +685,7 @@ func (r *hostRunner) prepare(ctx context.Context, gen int, res chan prepareResul
 	if err := os.MkdirAll(filepath.Dir(ss.Active), 0o700); err != nil {
 		return fail(err)
 	}
-	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RoleSecondary, Side: ss, PrimaryHost: g.PrimaryHost, Ports: g.Ports, Log: r.log})
+	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RoleSecondary, Side: ss, PrimaryHost: g.PrimaryHost, Ports: g.Ports, Log: r.log, Start: r.a.spawn.start})
 	if err != nil {
 		return fail(err)
 	}

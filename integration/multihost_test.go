@@ -25,12 +25,13 @@ import (
 // the coordination store served by a third lockstepd on the etcd node, and a client node on the
 // guests' LAN, each in a network namespace of the test's own.
 type cluster struct {
-	t      *testing.T
-	lab    *netlab.Lab
-	dir    string
-	bin    string
-	agents map[string]*nsDaemon
-	etcd   *nsDaemon
+	t       *testing.T
+	lab     *netlab.Lab
+	dir     string
+	bin     string
+	agents  map[string]*nsDaemon
+	etcd    *nsDaemon
+	etcdURL string
 }
 
 // nsDaemon is a lockstepd started by the test inside a node's namespace.
@@ -103,7 +104,7 @@ func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
 		}
 	})
 	etcdURL := fmt.Sprintf("http://%s", netip.AddrPortFrom(lab.Node("etcd").IP(), 2379))
-	c.etcd = c.start(lab.Node("etcd"), "--etcd-serve", etcdURL)
+	c.etcd, c.etcdURL = c.start(lab.Node("etcd"), "--etcd-serve", etcdURL), etcdURL
 	for _, h := range []string{"A", "B"} {
 		n := lab.Node(h)
 		if _, err := n.AddTap("vm0"); err != nil {
@@ -416,4 +417,42 @@ func TestTwoHostsStoreDown(t *testing.T) {
 	}
 	n := w.verify(t)
 	t.Logf("%d records acknowledged, none lost; epoch %d -> %d", n, st.GetEpoch(), after.GetEpoch())
+}
+
+// TestTwoHostsAgentKilled: kill -9 of the primary's agent takes its QEMU with it, so that no VM
+// runs on without an agent renewing its lease; B takes over as after a host loss, and the
+// restarted agent on A joins as the new secondary.
+func TestTwoHostsAgentKilled(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	pidA := c.qemuPID("A")
+	kill := time.Now()
+	c.agents["A"].kill()
+	t.Logf("A's agent reaped %v after the kill", time.Since(kill).Round(time.Millisecond))
+	deadline := time.Now().Add(2 * time.Second)
+	ended := func() bool { s := procState(pidA); return s == "gone" || s == "Z" }
+	for !ended() && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if !ended() {
+		s := procState(pidA)
+		t.Fatalf("A's QEMU (pid %d) outlived its agent: state %s", pidA, s)
+	}
+	t.Logf("A's QEMU ended %v after its agent was killed", time.Since(kill).Round(time.Millisecond))
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	first, _ := w.firstAckAfter(kill)
+	t.Logf("kill -9 of A's agent -> first ack on the same connection %v", first.Sub(kill).Round(time.Millisecond))
+	stB := c.waitOn("B", pb.PairState_PAIR_STATE_DEGRADED, 30*time.Second)
+	if stB.GetPrimaryHost() != "B" || stB.GetEpoch() <= st.GetEpoch() {
+		t.Fatalf("after A's agent died: primary %q at epoch %d, want B above %d", stB.GetPrimaryHost(), stB.GetEpoch(), st.GetEpoch())
+	}
+	n := c.lab.Node("A")
+	c.agents["A"] = c.start(n, "--host", "A", "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", c.etcdURL)
+	back := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
+	if back.GetSecondaryHost() != "A" {
+		t.Errorf("after A's agent came back the secondary is %q, want A", back.GetSecondaryHost())
+	}
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	got := w.verify(t)
+	t.Logf("%d records acknowledged, none lost; protected again with A as secondary (generation %d)", got, back.GetGeneration())
 }

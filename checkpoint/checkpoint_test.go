@@ -152,14 +152,16 @@ func TestCommandLines(t *testing.T) {
 			t.Errorf("secondary args lack %q:\n%q", want, sa)
 		}
 	}
-	// QEMU 7.2 takes reconnect in seconds; a tap backend needs no sink.
+	// QEMU 7.2 takes reconnect in seconds; a tap's own frames go to the sink as well (a bridge
+	// floods broadcasts to the secondary's tap too).
 	s.QEMUVersion = checkpoint.Version{Major: 7, Minor: 2}
 	s.NIC = checkpoint.NIC{MAC: s.NIC.MAC, Model: "e1000", Backend: "tap", Tap: "tap0"}
 	sa = checkpoint.SecondaryArgs(s, sside, "10.1.1.1", ports)
 	if !hasSeq(sa, "-chardev", "socket,id=red0,host=10.1.1.1,port=3,reconnect=1") {
 		t.Errorf("7.2 secondary args: %q", sa)
 	}
-	if hasSeq(sa, "-chardev", "null,id=sink0") || !hasSeq(sa, "-netdev", "tap,id=hn0,ifname=tap0,script=no,downscript=no,vhost=off") {
+	if !hasSeq(sa, "-chardev", "null,id=sink0") || !hasSeq(sa, "-object", "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0,outdev=sink0") ||
+		!hasSeq(sa, "-netdev", "tap,id=hn0,ifname=tap0,script=no,downscript=no,vhost=off") {
 		t.Errorf("tap secondary args: %q", sa)
 	}
 }

@@ -121,12 +121,13 @@ func SecondaryArgs(s Spec, side Side, primaryHost string, ports Ports) []string 
 		reconnect = "reconnect-ms=100"
 	}
 	f1 := fmt.Sprintf("filter-redirector,id=%s,netdev=%s,queue=tx,indev=%s", secF1, NetdevID, secRed0)
-	if s.NIC.Backend == "socket" {
-		// The test hub delivers every frame to the secondary too; only the primary's mirrored
-		// copy may reach its guest, or each input arrives twice and every packet mismatches.
-		args = append(args, "-chardev", "null,id="+SinkChardev)
-		f1 += ",outdev=" + SinkChardev
-	}
+	// Only the primary's mirrored copy of the guest's input may reach the secondary's guest.
+	// Its own backend delivers frames too: every frame on the test hub, and on a bridge the
+	// broadcasts and any frame flooded before the bridge learnt the guest's MAC; each would
+	// arrive twice. f1 sends them to a null chardev; at failover f1 goes and the backend's
+	// frames reach the guest.
+	args = append(args, "-chardev", "null,id="+SinkChardev)
+	f1 += ",outdev=" + SinkChardev
 	args = append(args,
 		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed0, primaryHost, ports.Mirror, reconnect),
 		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed1, primaryHost, ports.Compare, reconnect),

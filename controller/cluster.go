@@ -133,9 +133,19 @@ func NewClusterAgent(cfg ClusterConfig) (*ClusterAgent, error) {
 	return a, nil
 }
 
-// Close stops the agent. Its QEMUs stop with it (see spawner): the peers take over what ran
-// here, as after a host loss. Use a planned switchover first to move a VM without a pause.
+// Close stops the agent. Its QEMUs stop with it (see spawner). A VM this host runs as a
+// protected primary is first handed over to its secondary with a planned switchover; a VM
+// running here alone is lost with the agent.
 func (a *ClusterAgent) Close() {
+	a.mu.Lock()
+	rs := make([]*hostRunner, 0, len(a.runners))
+	for _, r := range a.runners {
+		rs = append(rs, r)
+	}
+	a.mu.Unlock()
+	for _, r := range rs {
+		r.drain()
+	}
 	a.cancel()
 	a.wg.Wait()
 	a.spawn.stop()
@@ -367,8 +377,9 @@ func (a *ClusterAgent) Failover(name string, forced bool) error {
 	if forced {
 		return fmt.Errorf("forced failover: not offered for a pair that spans two hosts (a planned one is): %w", ErrWrongState)
 	}
-	_, err = r.call(HSwitchover{})
-	return err
+	ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+	defer cancel()
+	return r.switchover(ctx)
 }
 
 // Reprotect: a primary running alone re-protects by itself as soon as its peer is back.

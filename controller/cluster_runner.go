@@ -806,15 +806,16 @@ func (r *hostRunner) publish() {
 	me, other := r.pc.Sides[r.side], r.pc.Sides[r.side.Other()]
 	s.PrimaryHost, s.SecondaryHost = "", ""
 	s.ColoMode = [2]string{}
-	iAmPrimary := p.Role() == RolePrimary || p.Role() == RoleProtecting || p.Role() == RoleAlone || p.Role() == RoleTakingOver || p.Role() == RoleBooting
 	switch {
-	case iAmPrimary:
+	case runsVM(p.Role()):
 		s.PrimarySide, s.PrimaryHost = r.side, me.Agent
 		if p.Colo() {
 			s.SecondaryHost = other.Agent
 		}
 	case p.Role() == RoleSecondary || p.Role() == RoleJoining:
 		s.PrimarySide, s.PrimaryHost, s.SecondaryHost = r.side.Other(), other.Agent, me.Agent
+	case p.PeerReachable() && runsVM(peer.Role):
+		s.PrimarySide, s.PrimaryHost = r.side.Other(), other.Agent
 	}
 	s.CheckpointTime = r.pc.Spec.Tunables.CheckpointDelay
 	if state != StateProtected {
@@ -873,4 +874,50 @@ func clusterState(role HostRole, colo, fenced bool, peer PeerView, peerOK bool) 
 
 func (r *hostRunner) watch(ctx context.Context) <-chan Event2 {
 	return r.pairView.watch(ctx, r.done, &r.a.wg)
+}
+
+// switchover runs a planned switchover from this host's primary and waits until the peer runs
+// the VM; the pair's failover count and last failover record it.
+func (r *hostRunner) switchover(ctx context.Context) error {
+	t0 := time.Now()
+	if _, err := r.call(HSwitchover{}); err != nil {
+		return err
+	}
+	peer := r.peerAgent()
+	for r.status().PrimaryHost != peer {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("switchover: %s did not take over: %w", peer, ctx.Err())
+		case <-r.done:
+			return errors.New("switchover: the pair's runner stopped")
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	rec := &FailoverRecord{At: t0, Why: "planned switchover to " + peer, Sequence: "planned switchover", Took: time.Since(t0), Trigger: pb.FailoverTrigger_FAILOVER_TRIGGER_PLANNED}
+	r.mu.Lock()
+	r.snap.LastFailover = rec
+	r.snap.Failovers++
+	r.mu.Unlock()
+	r.broadcast(Event2{Kind: EventFailover, Time: time.Now(), Failover: rec})
+	return nil
+}
+
+// drain hands a protected primary over to the peer before the agent stops: a planned
+// switchover, waited for until the hand-over is sent (at most a few seconds).
+func (r *hostRunner) drain() {
+	if _, err := r.call(HSwitchover{}); err != nil {
+		return
+	}
+	done := make(chan struct{})
+	select {
+	case r.io <- func(context.Context) { close(done) }:
+	case <-time.After(time.Second):
+		return
+	}
+	select {
+	case <-done:
+		r.log.Info("handed over to the peer before stopping")
+	case <-time.After(5 * time.Second):
+		r.log.Warn("the hand-over did not finish before stopping")
+	}
 }

@@ -401,8 +401,11 @@ func (h *HostPolicy) Releasing() bool {
 	return h.isPrimary() && !h.fenced && h.mayRun()
 }
 
-func (h *HostPolicy) isPrimary() bool {
-	return h.role == RolePrimary || h.role == RoleProtecting || h.role == RoleAlone || h.role == RoleTakingOver || h.role == RoleBooting
+func (h *HostPolicy) isPrimary() bool { return runsVM(h.role) }
+
+// runsVM reports whether a side in role r runs the VM as its primary.
+func runsVM(r HostRole) bool {
+	return r == RolePrimary || r == RoleProtecting || r == RoleAlone || r == RoleTakingOver || r == RoleBooting
 }
 
 func (h *HostPolicy) mayRun() bool {
@@ -729,7 +732,7 @@ func (h *HostPolicy) peerHeard(sentAt int, v PeerView) []HostAction {
 	h.peer = v
 	h.peerLostAt = -1
 	var acts []HostAction
-	peerRuns := v.Role == RolePrimary || v.Role == RoleTakingOver || v.Role == RoleProtecting || v.Role == RoleAlone || v.Role == RoleBooting
+	peerRuns := runsVM(v.Role)
 	if v.Epoch > h.leaseEpoch && peerRuns && h.isPrimary() {
 		// The peer runs the VM under a newer lease than ours: what runs here is stale.
 		acts = append(acts, h.becomeStale(fmt.Sprintf("the peer is primary at epoch %d", v.Epoch))...)

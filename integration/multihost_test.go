@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/lockstepvm/lockstep/checkpoint"
@@ -455,4 +457,55 @@ func TestTwoHostsAgentKilled(t *testing.T) {
 	w.waitAcked(t, w.Acked()+10, 30*time.Second)
 	got := w.verify(t)
 	t.Logf("%d records acknowledged, none lost; protected again with A as secondary (generation %d)", got, back.GetGeneration())
+}
+
+// TestTwoHostsSwitchoverAndStop: an operator's planned switchover moves the VM from A to B
+// while the client writes; B re-protects onto A. Then B's agent is stopped with SIGTERM: it
+// hands the VM back to A before it goes. The client keeps its connection throughout.
+func TestTwoHostsSwitchoverAndStop(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	apiA := dialAPI(t, c.agents["A"].sock)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	t0 := time.Now()
+	resp, err := apiA.Failover(ctx, &pb.FailoverRequest{Name: "db1", Mode: pb.FailoverMode_FAILOVER_MODE_PLANNED})
+	if err != nil {
+		t.Fatalf("planned switchover: %v", err)
+	}
+	t.Logf("planned switchover A -> B returned after %v (trigger %v)", time.Since(t0).Round(time.Millisecond), resp.GetFailover().GetTrigger())
+	w.waitAcked(t, w.Acked()+1, 30*time.Second)
+	first, _ := w.firstAckAfter(t0)
+	t.Logf("first ack after the switchover began: %v", first.Sub(t0).Round(time.Millisecond))
+	if resp.GetFailover().GetTrigger() != pb.FailoverTrigger_FAILOVER_TRIGGER_PLANNED {
+		t.Errorf("trigger %v, want PLANNED", resp.GetFailover().GetTrigger())
+	}
+	onB := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
+	if onB.GetPrimaryHost() != "B" || onB.GetEpoch() <= st.GetEpoch() {
+		t.Fatalf("after the switchover: primary %q at epoch %d, want B above %d", onB.GetPrimaryHost(), onB.GetEpoch(), st.GetEpoch())
+	}
+	// Refused while B is the primary: A cannot switch over a VM it does not run.
+	if _, err := apiA.Failover(ctx, &pb.FailoverRequest{Name: "db1", Mode: pb.FailoverMode_FAILOVER_MODE_PLANNED}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("switchover asked of the secondary's agent: %v, want FailedPrecondition", err)
+	}
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+
+	stop := time.Now()
+	if err := c.agents["B"].cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.agents["B"].done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("B's agent did not stop within 20 s of SIGTERM")
+	}
+	onA := c.waitOn("A", pb.PairState_PAIR_STATE_DEGRADED, 30*time.Second)
+	if onA.GetPrimaryHost() != "A" {
+		t.Fatalf("after B's agent stopped: primary %q, want A", onA.GetPrimaryHost())
+	}
+	w.waitAcked(t, w.Acked()+10, 30*time.Second)
+	first, _ = w.firstAckAfter(stop)
+	t.Logf("SIGTERM of B's agent: the VM is back on A, first ack %v after the signal", first.Sub(stop).Round(time.Millisecond))
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, none lost, same connection", n)
 }

@@ -232,9 +232,22 @@ func (a *ClusterAgent) runner(name string) (*hostRunner, error) {
 	defer a.mu.Unlock()
 	r, ok := a.runners[name]
 	if !ok {
-		return nil, fmt.Errorf("pair %q: %w", name, ErrNotFound)
+		return nil, fmt.Errorf("pair %q: this host runs no side of it: %w", name, ErrNotFound)
 	}
 	return r, nil
+}
+
+// local returns the runner of a pair for a request that only the pair's own agents can serve.
+func (a *ClusterAgent) local(name string) (*hostRunner, error) {
+	r, err := a.runner(name)
+	if err == nil {
+		return r, nil
+	}
+	pc, cerr := a.Config(name)
+	if cerr != nil {
+		return nil, cerr
+	}
+	return nil, fmt.Errorf("pair %q runs on %s and %s: ask their agents: %w", name, pc.Sides[0].Agent, pc.Sides[1].Agent, ErrWrongState)
 }
 
 // peer returns a PeerService connection to host's agent.
@@ -324,32 +337,90 @@ func (a *ClusterAgent) Create(pc PairConfig) (Status, error) {
 	return Status{Name: pc.Spec.Name, State: StateStarting, Cluster: true}, nil
 }
 
-// Get returns this host's view of a pair.
+// Get returns this host's view of a pair; for a pair that runs on other hosts, the store's.
 func (a *ClusterAgent) Get(name string) (Status, error) {
-	r, err := a.runner(name)
+	if r, err := a.runner(name); err == nil {
+		return r.status(), nil
+	}
+	pc, err := a.Config(name)
 	if err != nil {
 		return Status{}, err
 	}
-	return r.status(), nil
+	return a.storeView(pc), nil
 }
 
-// Config returns a pair's configuration.
+// Config returns a pair's configuration, from the store for a pair of other hosts.
 func (a *ClusterAgent) Config(name string) (PairConfig, error) {
-	r, err := a.runner(name)
+	if r, err := a.runner(name); err == nil {
+		return r.pc, nil
+	}
+	ctx, cancel := context.WithTimeout(a.ctx, 2*time.Second)
+	defer cancel()
+	b, err := a.cfg.Store.GetPair(ctx, name)
+	if errors.Is(err, coord.ErrNotFound) {
+		return PairConfig{}, fmt.Errorf("pair %q: %w", name, ErrNotFound)
+	}
 	if err != nil {
 		return PairConfig{}, err
 	}
-	return r.pc, nil
+	var pc PairConfig
+	if err := json.Unmarshal(b, &pc); err != nil {
+		return PairConfig{}, fmt.Errorf("pair %q in the store: %w", name, err)
+	}
+	return pc, nil
 }
 
-// List returns the status of every pair of this host.
+// storeView is the status of a pair this host has no side of, as the store tells it: who holds
+// the lease, at which epoch, and whether its last record says COLO.
+func (a *ClusterAgent) storeView(pc PairConfig) Status {
+	st := Status{Name: pc.Spec.Name, Cluster: true, State: StateStopped, AutoReprotect: !pc.NoAutoReprotect,
+		CheckpointTime: pc.Spec.Tunables.CheckpointDelay, Reason: "as the coordination store tells it: this host runs no side of the pair"}
+	ctx, cancel := context.WithTimeout(a.ctx, 2*time.Second)
+	defer cancel()
+	li, err := a.cfg.Store.Current(ctx, pc.Spec.Name)
+	if err != nil {
+		st.Reason = "the coordination store is unreachable: " + err.Error()
+		return st
+	}
+	st.StoreReachable = true
+	if li.Epoch == 0 {
+		return st
+	}
+	st.PrimaryHost, st.Epoch, st.State = li.Holder, li.Epoch, StateDegraded
+	var rec PrimaryRecord
+	if b, err := a.cfg.Store.Record(ctx, pc.Spec.Name); err == nil && json.Unmarshal(b, &rec) == nil && rec.Holder == li.Holder && rec.Colo {
+		st.State, st.Generation = StateProtected, rec.Gen
+		for _, sd := range pc.Sides {
+			if sd.Agent != li.Holder {
+				st.SecondaryHost = sd.Agent
+			}
+		}
+	}
+	return st
+}
+
+// List returns every pair: this host's own with its view, the others with the store's.
 func (a *ClusterAgent) List() []Status {
 	a.mu.Lock()
 	var out []Status
-	for _, r := range a.runners {
+	seen := map[string]bool{}
+	for name, r := range a.runners {
 		out = append(out, r.status())
+		seen[name] = true
 	}
 	a.mu.Unlock()
+	ctx, cancel := context.WithTimeout(a.ctx, 2*time.Second)
+	all, err := a.cfg.Store.ListPairs(ctx)
+	cancel()
+	if err == nil {
+		for name, b := range all {
+			var pc PairConfig
+			if seen[name] || json.Unmarshal(b, &pc) != nil {
+				continue
+			}
+			out = append(out, a.storeView(pc))
+		}
+	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
@@ -370,7 +441,7 @@ func (a *ClusterAgent) Delete(name string) error {
 // Failover asks this host's primary for a planned switchover. A forced failover is not offered
 // across hosts: killing the primary does the same, through the lease.
 func (a *ClusterAgent) Failover(name string, forced bool) error {
-	r, err := a.runner(name)
+	r, err := a.local(name)
 	if err != nil {
 		return err
 	}
@@ -384,7 +455,7 @@ func (a *ClusterAgent) Failover(name string, forced bool) error {
 
 // Reprotect: a primary running alone re-protects by itself as soon as its peer is back.
 func (a *ClusterAgent) Reprotect(name string) error {
-	if _, err := a.runner(name); err != nil {
+	if _, err := a.local(name); err != nil {
 		return err
 	}
 	return fmt.Errorf("reprotect: a pair that spans two hosts re-protects by itself when the peer is back: %w", ErrWrongState)
@@ -392,7 +463,7 @@ func (a *ClusterAgent) Reprotect(name string) error {
 
 // SetParameters is not offered across hosts yet.
 func (a *ClusterAgent) SetParameters(ctx context.Context, name string, t checkpoint.Tunables) error {
-	if _, err := a.runner(name); err != nil {
+	if _, err := a.local(name); err != nil {
 		return err
 	}
 	return fmt.Errorf("set parameters: not offered for a pair that spans two hosts yet: %w", ErrWrongState)
@@ -400,7 +471,7 @@ func (a *ClusterAgent) SetParameters(ctx context.Context, name string, t checkpo
 
 // Watch streams this host's view of a pair.
 func (a *ClusterAgent) Watch(ctx context.Context, name string) (<-chan Event2, error) {
-	r, err := a.runner(name)
+	r, err := a.local(name)
 	if err != nil {
 		return nil, err
 	}

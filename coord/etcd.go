@@ -240,7 +240,8 @@ func (s *Etcd) DeletePair(ctx context.Context, name string) error {
 	pk := s.pairKey(name)
 	resp, err := s.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(pk), ">", 0)).
-		Then(clientv3.OpDelete(pk), clientv3.OpDelete(s.leaseKey(name))).
+		// The primary record goes too: a new pair of the same name starts with no history.
+		Then(clientv3.OpDelete(pk), clientv3.OpDelete(s.leaseKey(name)), clientv3.OpDelete(s.recordKey(name))).
 		Commit()
 	if err != nil {
 		return fail("delete pair "+name, err)

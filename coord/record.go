@@ -75,7 +75,7 @@ func (s *Etcd) AgentAddr(ctx context.Context, host string) (string, error) {
 		return "", fail("agent "+host, err)
 	}
 	if len(resp.Kvs) == 0 {
-		return "", fmt.Errorf("coord: agent %s: %w", host, ErrNotFound)
+		return "", fmt.Errorf("coord: agent %s has not registered: %w", host, ErrNotFound)
 	}
 	return string(resp.Kvs[0].Value), nil
 }

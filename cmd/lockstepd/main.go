@@ -83,7 +83,10 @@ Examples:
   # The host of the coordination store itself: an etcd server inside lockstepd.
   lockstepd --etcd-serve http://10.0.0.9:2379
 
-SIGTERM or SIGINT stops the agent; the VMs keep running, and the next agent adopts them.
+SIGTERM or SIGINT stops the agent. In single-host mode the VMs keep running and the next agent
+adopts them. In two-host mode (--peer-listen) a VM this host runs protected is first handed over
+to its peer, and this host's QEMUs stop with the agent: a QEMU never runs without the agent that
+renews its lease.
 
 Flags:
 `

@@ -50,8 +50,8 @@ type hostRunner struct {
 	workerWG    sync.WaitGroup
 	prepared    *prepared
 	hbInFlight  atomic.Bool
-	lastHB      atomic.Int64 // unix nanoseconds of the last successful exchange
-	pendingPrep chan prepareResult
+	lastHB      atomic.Int64    // unix nanoseconds of the last successful exchange
+	pendingPrep *pendingPrepare // the PrepareSecondary being served, for ActHPrepare
 
 	pairView // status, watch streams, the observer
 }
@@ -59,6 +59,13 @@ type hostRunner struct {
 type hostCall struct {
 	ev    HostEvent
 	reply chan hostReply
+	req   *pb.PrepareSecondaryRequest // with HPrepare: what the peer asked for
+}
+
+// pendingPrepare is a PrepareSecondary request and where its answer goes.
+type pendingPrepare struct {
+	req *pb.PrepareSecondaryRequest
+	res chan prepareResult
 }
 
 type hostReply struct {
@@ -129,10 +136,13 @@ func (r *hostRunner) localSide() checkpoint.Side {
 }
 
 // call hands an event to the run goroutine and waits for the policy's answer.
-func (r *hostRunner) call(ev HostEvent) (hostReply, error) {
+func (r *hostRunner) call(ev HostEvent) (hostReply, error) { return r.callWith(hostCall{ev: ev}) }
+
+func (r *hostRunner) callWith(c hostCall) (hostReply, error) {
 	reply := make(chan hostReply, 1)
+	c.reply = reply
 	select {
-	case r.calls <- hostCall{ev: ev, reply: reply}:
+	case r.calls <- c:
 	case <-r.done:
 		return hostReply{}, errors.New("the pair's runner stopped")
 	}
@@ -225,8 +235,8 @@ func (r *hostRunner) run(ctx context.Context) {
 				rep.view.Confirm = r.pol.Confirm(e.View)
 			case HPrepare:
 				if err == nil {
-					r.pendingPrep = make(chan prepareResult, 1)
-					rep.prep = r.pendingPrep
+					r.pendingPrep = &pendingPrepare{req: c.req, res: make(chan prepareResult, 1)}
+					rep.prep = r.pendingPrep.res
 				}
 			}
 			c.reply <- rep
@@ -663,13 +673,13 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 
 // prepare starts a secondary for the peer's primary: its QEMU waits for the migration stream,
 // which this agent accepts and hands to it, so that both ends have TCP_NODELAY.
-func (r *hostRunner) prepare(ctx context.Context, gen int, res chan prepareResult) HostEvent {
-	req := r.pendingRequest(gen)
+func (r *hostRunner) prepare(ctx context.Context, gen int, pp *pendingPrepare) HostEvent {
+	if pp == nil || pp.req == nil {
+		return hostVMEvent{ev: HPrepareFailed{Gen: gen, Err: "no prepare request"}}
+	}
+	req, res := pp.req, pp.res
 	fail := func(err error) HostEvent {
 		return hostVMEvent{ev: HPrepareFailed{Gen: gen, Err: err.Error()}, prep: res}
-	}
-	if req == nil {
-		return fail(errors.New("no prepare request"))
 	}
 	ss := r.localSide()
 	ports, err := freeLoopbackPorts(ss.Host, 3)
@@ -729,19 +739,6 @@ func (r *hostRunner) prepare(ctx context.Context, gen int, res chan prepareResul
 	resp := &pb.PrepareSecondaryResponse{SecondaryAddress: ss.Host, SecondaryQemuVersion: version,
 		Ports: &pb.ProtectionPorts{Migration: uint32(ln.Addr().(*net.TCPAddr).Port), Nbd: uint32(ports[0]), Mirror: req.GetPorts().GetMirror(), Compare: req.GetPorts().GetCompare()}}
 	return hostVMEvent{ev: HPrepared{Gen: gen}, vm: vm, prepared: p, prep: res, prepResp: resp}
-}
-
-// The PrepareSecondary request being served, by generation (set by the peer server).
-var prepRequests sync.Map // key: pair/gen → *pb.PrepareSecondaryRequest
-
-func prepKey(pair string, gen int) string { return fmt.Sprintf("%s/%d", pair, gen) }
-
-func (r *hostRunner) pendingRequest(gen int) *pb.PrepareSecondaryRequest {
-	v, ok := prepRequests.Load(prepKey(r.name, gen))
-	if !ok {
-		return nil
-	}
-	return v.(*pb.PrepareSecondaryRequest)
 }
 
 // heartbeat sends one heartbeat to the peer, unless one is still on its way.

@@ -52,10 +52,7 @@ func (s *PeerServer) PrepareSecondary(ctx context.Context, req *pb.PrepareSecond
 	if req.GetGeneration() == 0 || req.GetPorts().GetMirror() == 0 || req.GetPorts().GetCompare() == 0 || req.GetPrimaryAddress() == "" {
 		return nil, status.Error(codes.InvalidArgument, "generation, primary_address, ports.mirror and ports.compare are required")
 	}
-	key := prepKey(r.name, int(req.GetGeneration()))
-	prepRequests.Store(key, req)
-	defer prepRequests.Delete(key)
-	rep, err := r.call(HPrepare{Gen: int(req.GetGeneration()), Epoch: req.GetEpoch()})
+	rep, err := r.callWith(hostCall{ev: HPrepare{Gen: int(req.GetGeneration()), Epoch: req.GetEpoch()}, req: req})
 	if err != nil {
 		return nil, s.refuse(r, req.GetEpoch(), err)
 	}

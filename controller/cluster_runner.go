@@ -38,7 +38,6 @@ type hostRunner struct {
 	io     chan func(context.Context)
 	stopc  chan chan struct{}
 	done   chan struct{}
-	now    atomic.Int64 // the policy's tick, for heartbeats sent from other goroutines
 
 	// Owned by run.
 	vm          *checkpoint.VM
@@ -220,7 +219,6 @@ func (r *hostRunner) run(ctx context.Context) {
 			return
 		case <-tick.C:
 			r.step(ctx, HTick{})
-			r.now.Store(int64(r.pol.Now()))
 		case <-hb.C:
 			r.heartbeat(ctx)
 		case <-statsTick.C:
@@ -625,7 +623,7 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 		return fail(errors.New("no primary QEMU"))
 	}
 	ps := r.localSide()
-	ports, err := freeLoopbackPorts(ps.Host, 4)
+	ports, err := freeTCPPorts(ps.Host, 4)
 	if err != nil {
 		return fail(err)
 	}
@@ -682,7 +680,7 @@ func (r *hostRunner) prepare(ctx context.Context, gen int, pp *pendingPrepare) H
 		return hostVMEvent{ev: HPrepareFailed{Gen: gen, Err: err.Error()}, prep: res}
 	}
 	ss := r.localSide()
-	ports, err := freeLoopbackPorts(ss.Host, 3)
+	ports, err := freeTCPPorts(ss.Host, 3)
 	if err != nil {
 		return fail(err)
 	}
@@ -719,7 +717,8 @@ func (r *hostRunner) prepare(ctx context.Context, gen int, pp *pendingPrepare) H
 	go func() { // accepts the one migration connection of this generation
 		defer r.workerWG.Done()
 		defer ln.Close()
-		go func() { <-pctx.Done(); ln.Close() }()
+		stop := context.AfterFunc(pctx, func() { ln.Close() }) // a cancelled secondary stops waiting
+		defer stop()
 		conn, err := ln.Accept()
 		if err != nil {
 			return
@@ -746,7 +745,7 @@ func (r *hostRunner) heartbeat(ctx context.Context) {
 	if !r.hbInFlight.CompareAndSwap(false, true) {
 		return
 	}
-	sent := int(r.now.Load())
+	sent := r.pol.Now()
 	view := r.pol.View()
 	r.workerWG.Add(1)
 	go func() {

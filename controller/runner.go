@@ -404,7 +404,8 @@ func (r *runner) boot(ctx context.Context, s Side) internal {
 	return internal{ev: EvBooted{Side: s}, vm: vm, side: s}
 }
 
-func freeLoopbackPorts(host string, n int) ([]int, error) {
+// freeTCPPorts reserves n distinct free ports on host (closed again before use).
+func freeTCPPorts(host string, n int) ([]int, error) {
 	var ls []net.Listener
 	defer func() {
 		for _, l := range ls {
@@ -433,7 +434,7 @@ func (r *runner) protect(ctx context.Context, a ActProtect) internal {
 	}
 	secSide := a.Primary.Other()
 	ps, ss := r.side(a.Primary), r.side(secSide)
-	ports, err := freeLoopbackPorts(ps.Host, 5)
+	ports, err := freeTCPPorts(ps.Host, 5)
 	if err != nil {
 		return fail(err)
 	}

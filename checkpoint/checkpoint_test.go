@@ -380,3 +380,65 @@ func TestProtectStopsAtRefusedStep(t *testing.T) {
 		}
 	}
 }
+
+// AbortProtection cancels the migration and waits for it to stop, force-cancels the resync job
+// and dismisses it, then takes everything of the generation off the primary without ending
+// COLO (there was none); what the failed attempt never created is no error.
+func TestAbortProtection(t *testing.T) {
+	s := qmptest.New(t)
+	for _, cmd := range []string{"migrate_cancel", "x-blockdev-change", "blockdev-del", "object-del", "block-job-cancel", "block-job-dismiss"} {
+		s.Handle(cmd, qmptest.Return(struct{}{}))
+	}
+	migrating := 2
+	s.Handle("query-migrate", func(c *qmptest.Conn, r *qmptest.Request) {
+		if migrating > 0 {
+			migrating--
+			c.Reply(r, map[string]any{"status": "cancelling"})
+			return
+		}
+		c.Reply(r, map[string]any{"status": "cancelled"})
+	})
+	jobPolls := 0
+	s.Handle("query-block-jobs", func(c *qmptest.Conn, r *qmptest.Request) {
+		jobPolls++
+		status := "aborting"
+		if jobPolls > 1 {
+			status = "concluded"
+		}
+		c.Reply(r, []map[string]any{{"device": "resync4", "type": "mirror", "status": status}})
+	})
+	s.Handle("chardev-remove", func(c *qmptest.Conn, r *qmptest.Request) {
+		c.ReplyError(r, "GenericError", "Chardev 'x' not found")
+	})
+	c := dial(t, s)
+	if _, err := checkpoint.AbortProtection(c, checkpoint.Generation{N: 4}).Run(ctx10(t), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range s.Requests()[1:] {
+		if r.Command == "query-migrate" || r.Command == "query-block-jobs" || r.Command == "chardev-remove" {
+			continue
+		}
+		got = append(got, r.Command+" "+compactArgs(r.Args))
+	}
+	want := []string{
+		`migrate_cancel `,
+		`block-job-cancel {"device":"resync4","force":true}`,
+		`block-job-dismiss {"id":"resync4"}`,
+		`x-blockdev-change {"child":"children.1","parent":"colo-disk0"}`,
+		`blockdev-del {"node-name":"nbd4"}`,
+		`object-del {"id":"comp0"}`, `object-del {"id":"iothread1"}`, `object-del {"id":"m0"}`,
+		`object-del {"id":"redire0"}`, `object-del {"id":"redire1"}`,
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("abort-protection sent\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if migrating != 0 || jobPolls != 2 {
+		t.Fatalf("did not wait: %d migration polls left, %d job polls", migrating, jobPolls)
+	}
+	for _, r := range s.Requests() {
+		if r.Command == "x-colo-lost-heartbeat" {
+			t.Fatal("abort-protection ended COLO")
+		}
+	}
+}

@@ -470,6 +470,70 @@ func containsAny(s string, subs ...string) bool {
 // FailoverAsPrimary makes a primary whose secondary died run on alone: the replica leaves the
 // quorum, the COLO objects and channels go, and COLO ends.
 func FailoverAsPrimary(p *qmp.Client, g Generation) Sequence {
+	return Sequence{Name: "failover-as-primary", Steps: primaryTeardown(p, g, true)}
+}
+
+// AbortProtection undoes a protection of generation g that failed before COLO: the migration
+// is cancelled, the resync job is dropped, and the replica's node, the COLO objects and the
+// channels go, so that the next attempt starts from a clean primary. Every step tolerates what
+// the failed attempt never created; the guest keeps running throughout.
+func AbortProtection(p *qmp.Client, g Generation) Sequence {
+	steps := []Step{
+		{Name: "primary: migrate_cancel", Timeout: 10 * time.Second, Run: func(ctx context.Context) error {
+			if err := p.MigrateCancel(ctx); err != nil {
+				return err
+			}
+			for {
+				info, err := p.QueryMigrate(ctx)
+				if err != nil {
+					return err
+				}
+				switch info.Status {
+				case "", qmp.MigrationNone, qmp.MigrationCancelled, qmp.MigrationFailed, qmp.MigrationCompleted:
+					return nil
+				}
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("migration still %s: %w", info.Status, ctx.Err())
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		}},
+		{Name: "primary: drop " + g.ResyncJob(), Timeout: 10 * time.Second, Run: func(ctx context.Context) error {
+			if err := ignoreMissing(p.BlockJobCancel(ctx, g.ResyncJob(), true)); err != nil {
+				return err
+			}
+			for {
+				jobs, err := p.QueryBlockJobs(ctx)
+				if err != nil {
+					return err
+				}
+				status := ""
+				for _, j := range jobs {
+					if j.Device == g.ResyncJob() {
+						status = j.Status
+					}
+				}
+				switch status {
+				case "":
+					return nil
+				case "concluded":
+					return ignoreMissing(p.BlockJobDismiss(ctx, g.ResyncJob()))
+				}
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("resync job still %s: %w", status, ctx.Err())
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+		}},
+	}
+	return Sequence{Name: "abort-protection", Steps: append(steps, primaryTeardown(p, g, false)...)}
+}
+
+// primaryTeardown removes the replica from the quorum and the COLO objects and channels from a
+// primary; with heartbeat, it also ends COLO (x-colo-lost-heartbeat) once the filters are gone.
+func primaryTeardown(p *qmp.Client, g Generation, heartbeat bool) []Step {
 	steps := []Step{
 		{Name: "primary: x-blockdev-change del " + QuorumChild1, Run: func(ctx context.Context) error {
 			return ignoreMissing(p.XBlockdevChangeDel(ctx, QuorumNode, QuorumChild1))
@@ -484,16 +548,18 @@ func FailoverAsPrimary(p *qmp.Client, g Generation) Sequence {
 			return ignoreMissing(p.ObjectDel(ctx, id))
 		}})
 	}
-	steps = append(steps, Step{Name: "primary: x-colo-lost-heartbeat", Run: func(ctx context.Context) error {
-		return p.XColoLostHeartbeat(ctx)
-	}})
+	if heartbeat {
+		steps = append(steps, Step{Name: "primary: x-colo-lost-heartbeat", Run: func(ctx context.Context) error {
+			return p.XColoLostHeartbeat(ctx)
+		}})
+	}
 	for _, id := range []string{chCompareIn0, chCompareIn, chCompareOut0, chCompareOut, chMirror, chCompare} {
 		id := id
 		steps = append(steps, Step{Name: "primary: chardev-remove " + id, Run: func(ctx context.Context) error {
 			return ignoreMissing(p.ChardevRemove(ctx, id))
 		}})
 	}
-	return Sequence{Name: "failover-as-primary", Steps: steps}
+	return steps
 }
 
 // FailoverAsSecondary makes a secondary whose primary died (or hangs) take over: its NBD export

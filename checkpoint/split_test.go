@@ -383,7 +383,9 @@ func TestFailoverAsPrimaryYank(t *testing.T) {
 
 	// A guest that stays stopped fails the last step, naming its state; nothing resumes it.
 	srv.Handle("query-status", qmptest.Return(qmp.Status{Status: qmp.RunStatePaused}))
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	// The budget covers the steps before the wait too; under -race on a busy machine 300 ms
+	// sometimes ran out before the first query-status, which then reported the deadline.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	_, err := checkpoint.FailoverAsPrimaryYank(c, g).Run(ctx, nil, nil)
 	var se *checkpoint.StepError

@@ -663,6 +663,7 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 	if _, err := seq.Run(ctx, r.log, r.progress); err != nil {
 		sub.Close()
 		obs.Close()
+		abortProtection(r.log, prim.QMP, g, r.progress)
 		return fail(err)
 	}
 	r.runObserver(obs, sub)

@@ -472,6 +472,7 @@ func (r *runner) protect(ctx context.Context, a ActProtect) internal {
 	if _, err := seq.Run(ctx, r.log, r.progress); err != nil {
 		sub.Close()
 		obs.Close()
+		abortProtection(r.log, prim.QMP, g, r.progress)
 		sec.Kill()
 		return fail(err)
 	}
@@ -497,6 +498,21 @@ func (r *runner) startObserver(prim *checkpoint.VM, os *observerStart) {
 	}
 	obs.OnCheckpoint(r.metrics.checkpoint)
 	r.runObserver(obs, sub)
+}
+
+// abortProtection cleans a primary after a failed protection, so that the next attempt can
+// add the same channels and objects again. It runs even when the worker was cancelled.
+func abortProtection(lg *slog.Logger, p *qmp.Client, g checkpoint.Generation, progress checkpoint.Progress) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	seq := checkpoint.AbortProtection(p, g)
+	if info, err := p.QueryMigrate(ctx); err == nil && info.Status == qmp.MigrationColo {
+		// It failed after COLO started (its last check): COLO must end too.
+		seq = checkpoint.FailoverAsPrimary(p, g)
+	}
+	if _, err := seq.Run(ctx, lg, progress); err != nil {
+		lg.Error("cleaning up after a failed protection", "err", err)
+	}
 }
 
 // dialLink opens the migration connection to addr; the observer keeps a copy of the socket to

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -112,5 +113,45 @@ func TestClusterAgentStoreView(t *testing.T) {
 	}
 	if err := a.Delete("db1"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("second delete: %v, want ErrNotFound", err)
+	}
+}
+
+// primaryGone tells a closed migration connection (the primary's process died) from an open
+// one (a hung or unreachable primary, which needs the yank).
+func TestPreparedPrimaryGone(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer server.Close()
+	var p prepared
+	if p.primaryGone() {
+		t.Fatal("no connection accepted yet counts as gone")
+	}
+	f, err := server.(*net.TCPConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	p.mig.Store(f)
+	if p.primaryGone() {
+		t.Fatal("an open connection counts as gone")
+	}
+	client.Close()
+	deadline := time.Now().Add(2 * time.Second)
+	for !p.primaryGone() {
+		if time.Now().After(deadline) {
+			t.Fatal("a connection closed by the primary's side still counts as open")
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }

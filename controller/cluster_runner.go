@@ -377,17 +377,7 @@ func (r *hostRunner) killVM(why string) {
 
 // spawn runs a long action; the one before it, if any, is cancelled.
 func (r *hostRunner) spawn(ctx context.Context, f func(context.Context) HostEvent) {
-	if r.worker != nil {
-		r.worker()
-	}
-	wctx, cancel := context.WithCancel(ctx)
-	r.worker = cancel
-	r.workerWG.Add(1)
-	go func() {
-		defer r.workerWG.Done()
-		ev := f(wctx)
-		r.post(wctx, ev)
-	}()
+	spawnLong(&r.worker, &r.workerWG, ctx, f, r.post)
 }
 
 // queue runs f on the io goroutine, after everything queued before it.

@@ -149,3 +149,19 @@ func (v *pairView) publishStats() {
 	v.mu.Unlock()
 	v.broadcast(Event2{Kind: EventCheckpoints, Time: time.Now(), Stats: &st})
 }
+
+// spawnLong runs one long action of a runner on its own goroutine, owned by wg, and hands its
+// result to deliver. The action before it, whose cancel is in *cur, is cancelled first: a
+// runner runs one long action at a time.
+func spawnLong[T any](cur *context.CancelFunc, wg *sync.WaitGroup, ctx context.Context, f func(context.Context) T, deliver func(context.Context, T)) {
+	if *cur != nil {
+		(*cur)()
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	*cur = cancel
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		deliver(wctx, f(wctx))
+	}()
+}

@@ -383,17 +383,7 @@ func (r *runner) exec(ctx context.Context, acts []Action) {
 
 // spawn runs one long action; the previous one, if any, is cancelled first.
 func (r *runner) spawn(ctx context.Context, f func(context.Context) internal) {
-	if r.worker != nil {
-		r.worker()
-	}
-	wctx, cancel := context.WithCancel(ctx)
-	r.worker = cancel
-	r.workerWG.Add(1)
-	go func() {
-		defer r.workerWG.Done()
-		in := f(wctx)
-		r.send(wctx, in)
-	}()
+	spawnLong(&r.worker, &r.workerWG, ctx, f, r.send)
 }
 
 func (r *runner) boot(ctx context.Context, s Side) internal {

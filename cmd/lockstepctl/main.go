@@ -489,6 +489,23 @@ func (c *cli) print(p *pb.Pair) error {
 	}
 	fmt.Fprintf(w, "secondary:\t%s\t%s\n", sec, strings.ToLower(strings.TrimPrefix(st.GetSecondary().GetColoMode().String(), "COLO_MODE_")))
 	fmt.Fprintf(w, "generation:\t%d\n", st.GetGeneration())
+	if st.GetEpoch() > 0 {
+		// A pair that spans two hosts: the fencing epoch, and what this agent reaches.
+		fmt.Fprintf(w, "epoch:\t%d\n", st.GetEpoch())
+		store := "reachable"
+		if !st.GetStoreReachable() {
+			store = "UNREACHABLE (the pair runs on without renewing its lease while its secondary confirms)"
+		}
+		fmt.Fprintf(w, "store:\t%s\n", store)
+		peer := "reachable"
+		if !st.GetPeer().GetReachable() {
+			peer = "UNREACHABLE"
+		}
+		if t := st.GetPeer().GetLastHeartbeatTime(); t != nil {
+			peer += fmt.Sprintf(" (last heartbeat %s)", t.AsTime().Local().Format("15:04:05.000"))
+		}
+		fmt.Fprintf(w, "peer agent:\t%s\n", peer)
+	}
 	cs := st.GetCheckpointStats()
 	fmt.Fprintf(w, "checkpoints:\t%d (%d early)\t%.1f/s, pause p50 %v p99 %v, %d B each\n", cs.GetCount(), cs.GetEarlyCount(), cs.GetRatePerSecond(),
 		cs.GetPauseP50().AsDuration().Round(100*time.Microsecond), cs.GetPauseP99().AsDuration().Round(100*time.Microsecond), cs.GetMeanCheckpointBytes())

@@ -213,6 +213,37 @@ func TestSequenceRunNamesFailingStep(t *testing.T) {
 	}
 }
 
+// With KeepGoing (clean-up sequences) every step runs; the error names the first failed step,
+// keeps QEMU's answer and counts the other failures.
+func TestSequenceKeepGoing(t *testing.T) {
+	var ran []string
+	step := func(name string, err error) checkpoint.Step {
+		return checkpoint.Step{Name: name, Run: func(context.Context) error { ran = append(ran, name); return err }}
+	}
+	seq := checkpoint.Sequence{Name: "clean", KeepGoing: true, Steps: []checkpoint.Step{
+		step("one", nil),
+		step("two", &qmp.Error{Class: "GenericError", Desc: "boom"}),
+		step("three", nil),
+		step("four", &qmp.Error{Class: "GenericError", Desc: "bang"}),
+	}}
+	_, err := seq.Run(context.Background(), nil, nil)
+	var se *checkpoint.StepError
+	if !errors.As(err, &se) || se.Step != "two" || !strings.Contains(err.Error(), "boom (and 1 more steps failed)") {
+		t.Fatalf("err %v", err)
+	}
+	var qe *qmp.Error
+	if !errors.As(err, &qe) || qe.Desc != "boom" {
+		t.Fatalf("QEMU's answer lost: %v", err)
+	}
+	if !slices.Equal(ran, []string{"one", "two", "three", "four"}) {
+		t.Fatalf("ran %v", ran)
+	}
+	seq.Steps = seq.Steps[:1]
+	if _, err := seq.Run(context.Background(), nil, nil); err != nil {
+		t.Fatalf("clean run: %v", err)
+	}
+}
+
 func TestStepDeadline(t *testing.T) {
 	seq := checkpoint.Sequence{Name: "slow", Steps: []checkpoint.Step{
 		{Name: "hang", Timeout: 20 * time.Millisecond, Run: func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }},
@@ -440,5 +471,43 @@ func TestAbortProtection(t *testing.T) {
 		if r.Command == "x-colo-lost-heartbeat" {
 			t.Fatal("abort-protection ended COLO")
 		}
+	}
+}
+
+// An attempt that failed before the replica joined the quorum leaves no child to remove (QEMU
+// answers "does not have child"), and a refused step must not leave the chardevs and objects
+// behind: the next attempt would fail at "chardev-add ... already exists" forever.
+func TestAbortProtectionGoesOnPastRefusals(t *testing.T) {
+	s := qmptest.New(t)
+	for _, cmd := range []string{"migrate_cancel", "object-del", "block-job-cancel", "chardev-remove"} {
+		s.Handle(cmd, qmptest.Return(struct{}{}))
+	}
+	s.Handle("query-migrate", qmptest.Return(map[string]any{"status": "failed"}))
+	s.Handle("query-block-jobs", qmptest.Return([]map[string]any{}))
+	s.Handle("x-blockdev-change", func(c *qmptest.Conn, r *qmptest.Request) {
+		c.ReplyError(r, "GenericError", "Node 'colo-disk0' does not have child 'children.1'")
+	})
+	s.Handle("blockdev-del", func(c *qmptest.Conn, r *qmptest.Request) {
+		c.ReplyError(r, "GenericError", "Node nbd4 is in use")
+	})
+	c := dial(t, s)
+	_, err := checkpoint.AbortProtection(c, checkpoint.Generation{N: 4}).Run(ctx10(t), nil, nil)
+	var se *checkpoint.StepError
+	if !errors.As(err, &se) || se.Step != "primary: blockdev-del nbd4" {
+		t.Fatalf("err %v, want the refused blockdev-del named", err)
+	}
+	removed := map[string]bool{}
+	for _, r := range s.Requests() {
+		if r.Command == "chardev-remove" || r.Command == "object-del" {
+			removed[compactArgs(r.Args)] = true
+		}
+	}
+	for _, id := range []string{"mirror0", "compare0", "compare1", "compare0-0", "compare_out", "compare_out0"} {
+		if !removed[`{"id":"`+id+`"}`] {
+			t.Errorf("chardev %s left behind after the refused step (removed %v)", id, removed)
+		}
+	}
+	if !removed[`{"id":"comp0"}`] || !removed[`{"id":"m0"}`] {
+		t.Errorf("objects left behind: removed %v", removed)
 	}
 }

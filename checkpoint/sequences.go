@@ -452,7 +452,7 @@ func waitResync(ctx context.Context, p *qmp.Client, sub *qmp.Subscription, job s
 // again after a partial failure.
 func ignoreMissing(err error) error {
 	var qe *qmp.Error
-	if errors.As(err, &qe) && (qe.Class == "DeviceNotFound" || containsAny(qe.Desc, "not found", "No such", "does not exist", "Cannot find")) {
+	if errors.As(err, &qe) && (qe.Class == "DeviceNotFound" || containsAny(qe.Desc, "not found", "No such", "does not exist", "Cannot find", "does not have child")) {
 		return nil
 	}
 	return err
@@ -528,7 +528,7 @@ func AbortProtection(p *qmp.Client, g Generation) Sequence {
 			}
 		}},
 	}
-	return Sequence{Name: "abort-protection", Steps: append(steps, primaryTeardown(p, g, false)...)}
+	return Sequence{Name: "abort-protection", Steps: append(steps, primaryTeardown(p, g, false)...), KeepGoing: true}
 }
 
 // primaryTeardown removes the replica from the quorum and the COLO objects and channels from a

@@ -44,7 +44,8 @@ func (s Signal) String() string {
 type WatchConfig struct {
 	// Interval between health checks (query-status); default 100 ms.
 	Interval time.Duration
-	// Timeout of a health check; an unanswered check raises SignalQMPTimeout. Default 500 ms.
+	// Timeout of a health check; an unanswered check raises SignalQMPTimeout. Default 2 s: a
+	// QEMU loading an incoming migration under TCG was measured missing 500 ms checks.
 	Timeout time.Duration
 }
 
@@ -57,7 +58,7 @@ func Watch(ctx context.Context, vm *VM, cfg WatchConfig, out chan<- Signal) {
 		cfg.Interval = 100 * time.Millisecond
 	}
 	if cfg.Timeout == 0 {
-		cfg.Timeout = 500 * time.Millisecond
+		cfg.Timeout = 2 * time.Second
 	}
 	sub := vm.QMP.Subscribe(qmp.EventColoExit, qmp.EventMigration, qmp.EventQuorumReportBad, qmp.EventBlockJobError)
 	defer sub.Close()

@@ -21,6 +21,10 @@ type Sequence struct {
 	Steps []Step
 	// Finally, when set, runs once after the steps, whatever their outcome.
 	Finally func()
+	// KeepGoing runs every step even after one fails (clean-up sequences: what one failed step
+	// leaves behind must not stop the others from being removed); the error names the first
+	// failed step and counts the others.
+	KeepGoing bool
 }
 
 // StepPhase says where a step is.
@@ -63,8 +67,8 @@ func (e *StepError) Unwrap() error { return e.Err }
 // DefaultStepTimeout bounds a step that sets no timeout of its own.
 const DefaultStepTimeout = 5 * time.Second
 
-// Run executes the steps in order, logging each by name, and stops at the first failure. It
-// returns the total time taken.
+// Run executes the steps in order, logging each by name, and stops at the first failure (or,
+// with KeepGoing, goes on and reports the first). It returns the total time taken.
 func (q Sequence) Run(ctx context.Context, log *slog.Logger, progress Progress) (time.Duration, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -76,6 +80,8 @@ func (q Sequence) Run(ctx context.Context, log *slog.Logger, progress Progress) 
 		defer q.Finally()
 	}
 	start := time.Now()
+	var first *StepError
+	failed := 0
 	for i, st := range q.Steps {
 		ev := StepEvent{Sequence: q.Name, Step: st.Name, Index: i + 1, Total: len(q.Steps)}
 		ev.Phase = StepStarted
@@ -96,11 +102,25 @@ func (q Sequence) Run(ctx context.Context, log *slog.Logger, progress Progress) 
 			ev.Phase, ev.Err = StepFailed, err
 			progress(ev)
 			log.Error("step failed", "sequence", q.Name, "step", st.Name, "n", i+1, "of", len(q.Steps), "elapsed", ev.Elapsed, "err", err)
-			return time.Since(start), &StepError{Sequence: q.Name, Step: st.Name, Err: err}
+			se := &StepError{Sequence: q.Name, Step: st.Name, Err: err}
+			if !q.KeepGoing || ctx.Err() != nil {
+				return time.Since(start), se
+			}
+			if first == nil {
+				first = se
+			}
+			failed++
+			continue
 		}
 		ev.Phase = StepDone
 		progress(ev)
 		log.Info("step done", "sequence", q.Name, "step", st.Name, "n", i+1, "of", len(q.Steps), "elapsed", ev.Elapsed)
+	}
+	if first != nil {
+		if failed > 1 {
+			first.Err = fmt.Errorf("%w (and %d more steps failed)", first.Err, failed-1)
+		}
+		return time.Since(start), first
 	}
 	return time.Since(start), nil
 }

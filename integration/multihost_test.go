@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net/netip"
@@ -97,7 +98,10 @@ func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
 		for _, h := range []string{"A", "B"} {
 			if t.Failed() {
 				if b, err := os.ReadFile(filepath.Join(c.dir, h, "state", "db1", "qemu", "console.log")); err == nil {
-					t.Logf("guest console on %s (last 3000 bytes):\n%s", h, b[max(0, len(b)-3000):])
+					t.Logf("guest console on %s:\n%s", h, consoleExcerpt(b))
+					if d := os.Getenv("LOCKSTEP_CONSOLE_DIR"); d != "" {
+						_ = os.WriteFile(filepath.Join(d, t.Name()+"-"+h+".log"), b, 0o644)
+					}
 				}
 			}
 			if pid, err := checkpoint.ReadPID(filepath.Join(c.dir, h, "state", "db1", "qemu")); err == nil {
@@ -508,4 +512,23 @@ func TestTwoHostsSwitchoverAndStop(t *testing.T) {
 	t.Logf("SIGTERM of B's agent: the VM is back on A, first ack %v after the signal", first.Sub(stop).Round(time.Millisecond))
 	n := w.verify(t)
 	t.Logf("%d records acknowledged, none lost, same connection", n)
+}
+
+// consoleExcerpt is the part of a guest console worth reading after a failure: from the first
+// kernel complaint (BUG, Oops, general protection fault, WARNING), else the tail; 8000 bytes at
+// most.
+func consoleExcerpt(b []byte) []byte {
+	start := -1
+	for _, m := range []string{"BUG:", "Oops", "general protection", "WARNING:", "Kernel panic"} {
+		if i := bytes.Index(b, []byte(m)); i >= 0 && (start < 0 || i < start) {
+			start = i
+		}
+	}
+	if start < 0 {
+		start = max(0, len(b)-3000)
+	}
+	if j := bytes.LastIndexByte(b[:start], '\n'); j >= 0 {
+		start = j + 1
+	}
+	return b[start:min(len(b), start+8000)]
 }

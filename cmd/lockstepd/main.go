@@ -98,7 +98,7 @@ func main() {
 func run(args []string) int {
 	cfg := config{
 		StateDir: "/var/lib/lockstep", OverlayDir: "/dev/shm/lockstep", Listen: "unix:///run/lockstep/lockstepd.sock",
-		LogFormat: "text", LogLevel: "info", CheckInterval: 100 * time.Millisecond, CheckTimeout: 500 * time.Millisecond,
+		LogFormat: "text", LogLevel: "info", CheckInterval: 100 * time.Millisecond, CheckTimeout: 2 * time.Second,
 	}
 	fs := flag.NewFlagSet("lockstepd", flag.ContinueOnError)
 	fs.Usage = func() {

@@ -51,6 +51,8 @@ func TestSpecValidation(t *testing.T) {
 		{"unknown qemu", func(s *checkpoint.Spec) { s.QEMUVersion = checkpoint.Version{} }, "qemu_version"},
 		{"delay", func(s *checkpoint.Spec) { s.Tunables.CheckpointDelay = time.Millisecond }, "checkpoint_delay"},
 		{"compare timeout", func(s *checkpoint.Spec) { s.Tunables.CompareTimeout = 2 * time.Hour }, "compare_timeout"},
+		{"boot settle", func(s *checkpoint.Spec) { s.Tunables.BootSettle = 11 * time.Minute }, "boot_settle"},
+		{"no boot settle", func(s *checkpoint.Spec) { s.Tunables.BootSettle = -1 }, ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -71,6 +73,42 @@ func TestSpecValidation(t *testing.T) {
 				t.Fatalf("err %v does not name field %s", err, tc.field)
 			}
 		})
+	}
+}
+
+// The boot settle defaults to DefaultBootSettleTCG under TCG and to none under KVM; an explicit
+// none (negative) stays none; the time left counts from the QEMU's start.
+func TestBootSettle(t *testing.T) {
+	s := validSpec()
+	if s.Tunables.BootSettle != checkpoint.DefaultBootSettleTCG {
+		t.Fatalf("tcg default %v, want %v", s.Tunables.BootSettle, checkpoint.DefaultBootSettleTCG)
+	}
+	kvm := validSpec()
+	kvm.Accel, kvm.Tunables.BootSettle = "kvm", 0
+	if b := kvm.WithDefaults().Tunables.BootSettle; b != 0 {
+		t.Fatalf("kvm default %v, want none", b)
+	}
+	none := validSpec()
+	none.Tunables.BootSettle = -1
+	if b := none.WithDefaults().Tunables.BootSettle; b != -1 {
+		t.Fatalf("explicit none became %v", b)
+	}
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		spec checkpoint.Spec
+		ran  time.Duration
+		want time.Duration
+	}{
+		{s, 0, 15 * time.Second},
+		{s, 4 * time.Second, 11 * time.Second},
+		{s, 15 * time.Second, 0},
+		{s, time.Hour, 0},
+		{none.WithDefaults(), 0, 0},
+		{kvm.WithDefaults(), 0, 0},
+	} {
+		if got := tc.spec.BootSettleLeft(start, start.Add(tc.ran)); got != tc.want {
+			t.Errorf("settle %v, ran %v: left %v, want %v", tc.spec.Tunables.BootSettle, tc.ran, got, tc.want)
+		}
 	}
 }
 

@@ -31,6 +31,48 @@ type VM struct {
 	err    error
 	// stopWatch ends the exit watcher of an adopted VM (which is not our child).
 	stopWatch chan struct{}
+	started   time.Time
+}
+
+// Started is when the QEMU process started: when Launch started it, or for an adopted QEMU
+// its start time read from /proc (the adoption time when that cannot be read).
+func (v *VM) Started() time.Time { return v.started }
+
+// processStart reads when process pid started, from /proc/<pid>/stat (field 22, in clock ticks
+// since boot; Linux's USER_HZ is 100 on every architecture lockstep runs on) and /proc/stat's
+// btime.
+func processStart(pid int) (time.Time, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return time.Time{}, err
+	}
+	// The command name (field 2) is in parentheses and may hold spaces: count after the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return time.Time{}, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return time.Time{}, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f)+2)
+	}
+	ticks, err := strconv.ParseUint(f[19], 10, 64)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("/proc/%d/stat starttime: %w", pid, err)
+	}
+	st, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return time.Time{}, err
+	}
+	for _, line := range strings.Split(string(st), "\n") {
+		if v, ok := strings.CutPrefix(line, "btime "); ok {
+			btime, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			if err != nil {
+				return time.Time{}, fmt.Errorf("/proc/stat btime: %w", err)
+			}
+			return time.Unix(btime, 0).Add(time.Duration(ticks) * 10 * time.Millisecond), nil
+		}
+	}
+	return time.Time{}, errors.New("/proc/stat: no btime")
 }
 
 // PID returns the QEMU process id.
@@ -90,7 +132,11 @@ func Adopt(ctx context.Context, role Role, side Side, pid int, lg *slog.Logger) 
 		return nil, fmt.Errorf("adopting QEMU pid %d: %w", pid, err)
 	}
 	proc, _ := os.FindProcess(pid)
-	vm := &VM{Role: role, Side: side, QMP: q, proc: proc, exited: make(chan struct{}), stopWatch: make(chan struct{})}
+	started, err := processStart(pid)
+	if err != nil {
+		started = time.Now()
+	}
+	vm := &VM{Role: role, Side: side, QMP: q, proc: proc, exited: make(chan struct{}), stopWatch: make(chan struct{}), started: started}
 	go func() { // owned by the VM: ends at the process's exit or at Release
 		defer unix.Close(pidfd)
 		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
@@ -193,7 +239,7 @@ func Launch(ctx context.Context, c LaunchConfig) (*VM, error) {
 		logf.Close()
 		return nil, fmt.Errorf("starting QEMU (%s): %w", s.QEMU[0], err)
 	}
-	vm := &VM{Role: c.Role, Side: c.Side, proc: cmd.Process, exited: make(chan struct{})}
+	vm := &VM{Role: c.Role, Side: c.Side, proc: cmd.Process, exited: make(chan struct{}), started: time.Now()}
 	go func() { // owned by the VM: ends when the process does
 		vm.err = cmd.Wait()
 		logf.Close()

@@ -646,6 +646,11 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 	if prim == nil {
 		return fail(errors.New("no primary QEMU"))
 	}
+	if !reprotect {
+		if err := settleBoot(ctx, r.log, r.pc.Spec, prim); err != nil {
+			return fail(err)
+		}
+	}
 	ps := r.localSide()
 	ports, err := freeTCPPorts(ps.Host, 4)
 	if err != nil {

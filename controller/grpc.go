@@ -141,6 +141,19 @@ func PairConfigFromProto(s *pb.PairSpec) (PairConfig, error) {
 		sp.Tunables.CompareTimeout = t.GetCompareTimeout().AsDuration()
 		sp.Tunables.MaxBandwidth = t.GetMaxBandwidthBytesPerSecond()
 		sp.Tunables.NoRewriter = t.GetNoRewriter()
+		if b := t.GetBootSettle(); b != nil {
+			if err := b.CheckValid(); err != nil {
+				return pc, bad("tunables.boot_settle", "%v", err)
+			}
+			switch d := b.AsDuration(); {
+			case d < 0:
+				return pc, bad("tunables.boot_settle", "%v: want zero or more", d)
+			case d == 0:
+				sp.Tunables.BootSettle = -1 // explicitly none
+			default:
+				sp.Tunables.BootSettle = d
+			}
+		}
 	}
 	for i, pl := range []*pb.Placement{s.GetPrimary(), s.GetSecondary()} {
 		field := []string{"primary", "secondary"}[i]
@@ -184,9 +197,22 @@ func PairSpecToProto(pc PairConfig) *pb.PairSpec {
 	return out
 }
 
+// bootSettleToProto keeps the three meanings apart: unset (the default), zero (explicitly none,
+// negative here) and a duration.
+func bootSettleToProto(d time.Duration) *durationpb.Duration {
+	switch {
+	case d == 0:
+		return nil
+	case d < 0:
+		return durationpb.New(0)
+	default:
+		return durationpb.New(d)
+	}
+}
+
 func tunablesToProto(t checkpoint.Tunables) *pb.Tunables {
 	return &pb.Tunables{CheckpointDelay: durationpb.New(t.CheckpointDelay), CompareTimeout: durationpb.New(t.CompareTimeout),
-		MaxBandwidthBytesPerSecond: t.MaxBandwidth, NoRewriter: t.NoRewriter}
+		MaxBandwidthBytesPerSecond: t.MaxBandwidth, NoRewriter: t.NoRewriter, BootSettle: bootSettleToProto(t.BootSettle)}
 }
 
 var stateToProto = map[State]pb.PairState{

@@ -422,6 +422,11 @@ func (r *runner) protect(ctx context.Context, a ActProtect) internal {
 	if prim == nil {
 		return fail(errors.New("no primary QEMU"))
 	}
+	if !a.Reprotect {
+		if err := settleBoot(ctx, r.log, r.pc.Spec, prim); err != nil {
+			return fail(err)
+		}
+	}
 	secSide := a.Primary.Other()
 	ps, ss := r.side(a.Primary), r.side(secSide)
 	ports, err := freeTCPPorts(ps.Host, 5)

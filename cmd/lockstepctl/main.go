@@ -521,6 +521,9 @@ func (c *cli) print(p *pb.Pair) error {
 	}
 	t := st.GetTunables()
 	fmt.Fprintf(w, "checkpoint delay:\t%v\n", t.GetCheckpointDelay().AsDuration())
+	if b := t.GetBootSettle().AsDuration(); b > 0 {
+		fmt.Fprintf(w, "boot settle:\t%v before the first protection\n", b)
+	}
 	return w.Flush()
 }
 

@@ -912,7 +912,13 @@ type Tunables struct {
 	MaxBandwidthBytesPerSecond uint64 `protobuf:"varint,3,opt,name=max_bandwidth_bytes_per_second,json=maxBandwidthBytesPerSecond,proto3" json:"max_bandwidth_bytes_per_second,omitempty"`
 	// Leaves QEMU's filter-rewriter off the secondary. It is on by default: it lets TCP
 	// connections opened between two checkpoints survive a failover. Fixed at creation.
-	NoRewriter    bool `protobuf:"varint,4,opt,name=no_rewriter,json=noRewriter,proto3" json:"no_rewriter,omitempty"`
+	NoRewriter bool `protobuf:"varint,4,opt,name=no_rewriter,json=noRewriter,proto3" json:"no_rewriter,omitempty"`
+	// How long a primary that booted the guest runs before its first protection starts, counted
+	// from its QEMU's start, at most 10m. Unset: 15s under TCG, none under KVM; zero: none.
+	// Under TCG, COLO started while the guest kernel boots was measured to corrupt the
+	// secondary's memory (a later failover's survivor oopses). Re-protection never waits. Fixed
+	// at creation.
+	BootSettle    *durationpb.Duration `protobuf:"bytes,5,opt,name=boot_settle,json=bootSettle,proto3" json:"boot_settle,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -973,6 +979,13 @@ func (x *Tunables) GetNoRewriter() bool {
 		return x.NoRewriter
 	}
 	return false
+}
+
+func (x *Tunables) GetBootSettle() *durationpb.Duration {
+	if x != nil {
+		return x.BootSettle
+	}
+	return nil
 }
 
 // Placement is where one side of a pair runs.
@@ -3636,13 +3649,15 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x121\n" +
 	"\abackend\x18\x03 \x01(\x0e2\x17.lockstep.v1.NicBackendR\abackend\x12\x10\n" +
 	"\x03tap\x18\x04 \x01(\tR\x03tap\x12\x16\n" +
-	"\x06bridge\x18\x05 \x01(\tR\x06bridge\"\xf9\x01\n" +
+	"\x06bridge\x18\x05 \x01(\tR\x06bridge\"\xb5\x02\n" +
 	"\bTunables\x12D\n" +
 	"\x10checkpoint_delay\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x0fcheckpointDelay\x12B\n" +
 	"\x0fcompare_timeout\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x0ecompareTimeout\x12B\n" +
 	"\x1emax_bandwidth_bytes_per_second\x18\x03 \x01(\x04R\x1amaxBandwidthBytesPerSecond\x12\x1f\n" +
 	"\vno_rewriter\x18\x04 \x01(\bR\n" +
-	"noRewriter\"\x96\x01\n" +
+	"noRewriter\x12:\n" +
+	"\vboot_settle\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
+	"bootSettle\"\x96\x01\n" +
 	"\tPlacement\x12\x12\n" +
 	"\x04host\x18\x01 \x01(\tR\x04host\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1b\n" +
@@ -3986,88 +4001,89 @@ var file_lockstep_v1_lockstep_proto_depIdxs = []int32{
 	1,  // 7: lockstep.v1.Nic.backend:type_name -> lockstep.v1.NicBackend
 	50, // 8: lockstep.v1.Tunables.checkpoint_delay:type_name -> google.protobuf.Duration
 	50, // 9: lockstep.v1.Tunables.compare_timeout:type_name -> google.protobuf.Duration
-	2,  // 10: lockstep.v1.PairStatus.state:type_name -> lockstep.v1.PairState
-	51, // 11: lockstep.v1.PairStatus.state_change_time:type_name -> google.protobuf.Timestamp
-	15, // 12: lockstep.v1.PairStatus.primary:type_name -> lockstep.v1.SideStatus
-	15, // 13: lockstep.v1.PairStatus.secondary:type_name -> lockstep.v1.SideStatus
-	16, // 14: lockstep.v1.PairStatus.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
-	17, // 15: lockstep.v1.PairStatus.resync:type_name -> lockstep.v1.ResyncProgress
-	19, // 16: lockstep.v1.PairStatus.last_failover:type_name -> lockstep.v1.FailoverSummary
-	18, // 17: lockstep.v1.PairStatus.peer:type_name -> lockstep.v1.PeerStatus
-	20, // 18: lockstep.v1.PairStatus.current_step:type_name -> lockstep.v1.StepProgress
-	12, // 19: lockstep.v1.PairStatus.tunables:type_name -> lockstep.v1.Tunables
-	3,  // 20: lockstep.v1.SideStatus.colo_mode:type_name -> lockstep.v1.ColoMode
-	50, // 21: lockstep.v1.CheckpointStats.pause_p50:type_name -> google.protobuf.Duration
-	50, // 22: lockstep.v1.CheckpointStats.pause_p99:type_name -> google.protobuf.Duration
-	50, // 23: lockstep.v1.CheckpointStats.pause_max:type_name -> google.protobuf.Duration
-	50, // 24: lockstep.v1.CheckpointStats.pause_mean:type_name -> google.protobuf.Duration
-	51, // 25: lockstep.v1.CheckpointStats.last_checkpoint_time:type_name -> google.protobuf.Timestamp
-	51, // 26: lockstep.v1.PeerStatus.last_heartbeat_time:type_name -> google.protobuf.Timestamp
-	51, // 27: lockstep.v1.FailoverSummary.start_time:type_name -> google.protobuf.Timestamp
-	4,  // 28: lockstep.v1.FailoverSummary.trigger:type_name -> lockstep.v1.FailoverTrigger
-	50, // 29: lockstep.v1.FailoverSummary.duration:type_name -> google.protobuf.Duration
-	5,  // 30: lockstep.v1.StepProgress.phase:type_name -> lockstep.v1.StepPhase
-	50, // 31: lockstep.v1.StepProgress.elapsed:type_name -> google.protobuf.Duration
-	51, // 32: lockstep.v1.PairEvent.time:type_name -> google.protobuf.Timestamp
-	14, // 33: lockstep.v1.PairEvent.status:type_name -> lockstep.v1.PairStatus
-	22, // 34: lockstep.v1.PairEvent.state_change:type_name -> lockstep.v1.StateChange
-	20, // 35: lockstep.v1.PairEvent.step:type_name -> lockstep.v1.StepProgress
-	16, // 36: lockstep.v1.PairEvent.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
-	17, // 37: lockstep.v1.PairEvent.resync:type_name -> lockstep.v1.ResyncProgress
-	19, // 38: lockstep.v1.PairEvent.failover:type_name -> lockstep.v1.FailoverSummary
-	2,  // 39: lockstep.v1.StateChange.from_state:type_name -> lockstep.v1.PairState
-	2,  // 40: lockstep.v1.StateChange.to_state:type_name -> lockstep.v1.PairState
-	10, // 41: lockstep.v1.CreatePairRequest.spec:type_name -> lockstep.v1.PairSpec
-	9,  // 42: lockstep.v1.CreatePairResponse.pair:type_name -> lockstep.v1.Pair
-	9,  // 43: lockstep.v1.GetPairResponse.pair:type_name -> lockstep.v1.Pair
-	9,  // 44: lockstep.v1.ListPairsResponse.pairs:type_name -> lockstep.v1.Pair
-	21, // 45: lockstep.v1.WatchPairResponse.event:type_name -> lockstep.v1.PairEvent
-	6,  // 46: lockstep.v1.FailoverRequest.mode:type_name -> lockstep.v1.FailoverMode
-	19, // 47: lockstep.v1.FailoverResponse.failover:type_name -> lockstep.v1.FailoverSummary
-	14, // 48: lockstep.v1.FailoverResponse.status:type_name -> lockstep.v1.PairStatus
-	14, // 49: lockstep.v1.ReprotectResponse.status:type_name -> lockstep.v1.PairStatus
-	50, // 50: lockstep.v1.SetParametersRequest.checkpoint_delay:type_name -> google.protobuf.Duration
-	50, // 51: lockstep.v1.SetParametersRequest.compare_timeout:type_name -> google.protobuf.Duration
-	12, // 52: lockstep.v1.SetParametersResponse.tunables:type_name -> lockstep.v1.Tunables
-	7,  // 53: lockstep.v1.PeerSideState.role:type_name -> lockstep.v1.Role
-	3,  // 54: lockstep.v1.PeerSideState.colo_mode:type_name -> lockstep.v1.ColoMode
-	39, // 55: lockstep.v1.HeartbeatRequest.sender:type_name -> lockstep.v1.PeerSideState
-	51, // 56: lockstep.v1.HeartbeatRequest.send_time:type_name -> google.protobuf.Timestamp
-	39, // 57: lockstep.v1.HeartbeatResponse.receiver:type_name -> lockstep.v1.PeerSideState
-	10, // 58: lockstep.v1.PrepareSecondaryRequest.spec:type_name -> lockstep.v1.PairSpec
-	43, // 59: lockstep.v1.PrepareSecondaryRequest.ports:type_name -> lockstep.v1.ProtectionPorts
-	43, // 60: lockstep.v1.PrepareSecondaryResponse.ports:type_name -> lockstep.v1.ProtectionPorts
-	8,  // 61: lockstep.v1.HandOverRequest.reason:type_name -> lockstep.v1.HandOverReason
-	50, // 62: lockstep.v1.HandOverResponse.duration:type_name -> google.protobuf.Duration
-	23, // 63: lockstep.v1.PairService.CreatePair:input_type -> lockstep.v1.CreatePairRequest
-	25, // 64: lockstep.v1.PairService.GetPair:input_type -> lockstep.v1.GetPairRequest
-	27, // 65: lockstep.v1.PairService.ListPairs:input_type -> lockstep.v1.ListPairsRequest
-	29, // 66: lockstep.v1.PairService.DeletePair:input_type -> lockstep.v1.DeletePairRequest
-	31, // 67: lockstep.v1.PairService.WatchPair:input_type -> lockstep.v1.WatchPairRequest
-	33, // 68: lockstep.v1.PairService.Failover:input_type -> lockstep.v1.FailoverRequest
-	35, // 69: lockstep.v1.PairService.Reprotect:input_type -> lockstep.v1.ReprotectRequest
-	37, // 70: lockstep.v1.PairService.SetParameters:input_type -> lockstep.v1.SetParametersRequest
-	41, // 71: lockstep.v1.PeerService.Heartbeat:input_type -> lockstep.v1.HeartbeatRequest
-	44, // 72: lockstep.v1.PeerService.PrepareSecondary:input_type -> lockstep.v1.PrepareSecondaryRequest
-	46, // 73: lockstep.v1.PeerService.TearDownSecondary:input_type -> lockstep.v1.TearDownSecondaryRequest
-	48, // 74: lockstep.v1.PeerService.HandOver:input_type -> lockstep.v1.HandOverRequest
-	24, // 75: lockstep.v1.PairService.CreatePair:output_type -> lockstep.v1.CreatePairResponse
-	26, // 76: lockstep.v1.PairService.GetPair:output_type -> lockstep.v1.GetPairResponse
-	28, // 77: lockstep.v1.PairService.ListPairs:output_type -> lockstep.v1.ListPairsResponse
-	30, // 78: lockstep.v1.PairService.DeletePair:output_type -> lockstep.v1.DeletePairResponse
-	32, // 79: lockstep.v1.PairService.WatchPair:output_type -> lockstep.v1.WatchPairResponse
-	34, // 80: lockstep.v1.PairService.Failover:output_type -> lockstep.v1.FailoverResponse
-	36, // 81: lockstep.v1.PairService.Reprotect:output_type -> lockstep.v1.ReprotectResponse
-	38, // 82: lockstep.v1.PairService.SetParameters:output_type -> lockstep.v1.SetParametersResponse
-	42, // 83: lockstep.v1.PeerService.Heartbeat:output_type -> lockstep.v1.HeartbeatResponse
-	45, // 84: lockstep.v1.PeerService.PrepareSecondary:output_type -> lockstep.v1.PrepareSecondaryResponse
-	47, // 85: lockstep.v1.PeerService.TearDownSecondary:output_type -> lockstep.v1.TearDownSecondaryResponse
-	49, // 86: lockstep.v1.PeerService.HandOver:output_type -> lockstep.v1.HandOverResponse
-	75, // [75:87] is the sub-list for method output_type
-	63, // [63:75] is the sub-list for method input_type
-	63, // [63:63] is the sub-list for extension type_name
-	63, // [63:63] is the sub-list for extension extendee
-	0,  // [0:63] is the sub-list for field type_name
+	50, // 10: lockstep.v1.Tunables.boot_settle:type_name -> google.protobuf.Duration
+	2,  // 11: lockstep.v1.PairStatus.state:type_name -> lockstep.v1.PairState
+	51, // 12: lockstep.v1.PairStatus.state_change_time:type_name -> google.protobuf.Timestamp
+	15, // 13: lockstep.v1.PairStatus.primary:type_name -> lockstep.v1.SideStatus
+	15, // 14: lockstep.v1.PairStatus.secondary:type_name -> lockstep.v1.SideStatus
+	16, // 15: lockstep.v1.PairStatus.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
+	17, // 16: lockstep.v1.PairStatus.resync:type_name -> lockstep.v1.ResyncProgress
+	19, // 17: lockstep.v1.PairStatus.last_failover:type_name -> lockstep.v1.FailoverSummary
+	18, // 18: lockstep.v1.PairStatus.peer:type_name -> lockstep.v1.PeerStatus
+	20, // 19: lockstep.v1.PairStatus.current_step:type_name -> lockstep.v1.StepProgress
+	12, // 20: lockstep.v1.PairStatus.tunables:type_name -> lockstep.v1.Tunables
+	3,  // 21: lockstep.v1.SideStatus.colo_mode:type_name -> lockstep.v1.ColoMode
+	50, // 22: lockstep.v1.CheckpointStats.pause_p50:type_name -> google.protobuf.Duration
+	50, // 23: lockstep.v1.CheckpointStats.pause_p99:type_name -> google.protobuf.Duration
+	50, // 24: lockstep.v1.CheckpointStats.pause_max:type_name -> google.protobuf.Duration
+	50, // 25: lockstep.v1.CheckpointStats.pause_mean:type_name -> google.protobuf.Duration
+	51, // 26: lockstep.v1.CheckpointStats.last_checkpoint_time:type_name -> google.protobuf.Timestamp
+	51, // 27: lockstep.v1.PeerStatus.last_heartbeat_time:type_name -> google.protobuf.Timestamp
+	51, // 28: lockstep.v1.FailoverSummary.start_time:type_name -> google.protobuf.Timestamp
+	4,  // 29: lockstep.v1.FailoverSummary.trigger:type_name -> lockstep.v1.FailoverTrigger
+	50, // 30: lockstep.v1.FailoverSummary.duration:type_name -> google.protobuf.Duration
+	5,  // 31: lockstep.v1.StepProgress.phase:type_name -> lockstep.v1.StepPhase
+	50, // 32: lockstep.v1.StepProgress.elapsed:type_name -> google.protobuf.Duration
+	51, // 33: lockstep.v1.PairEvent.time:type_name -> google.protobuf.Timestamp
+	14, // 34: lockstep.v1.PairEvent.status:type_name -> lockstep.v1.PairStatus
+	22, // 35: lockstep.v1.PairEvent.state_change:type_name -> lockstep.v1.StateChange
+	20, // 36: lockstep.v1.PairEvent.step:type_name -> lockstep.v1.StepProgress
+	16, // 37: lockstep.v1.PairEvent.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
+	17, // 38: lockstep.v1.PairEvent.resync:type_name -> lockstep.v1.ResyncProgress
+	19, // 39: lockstep.v1.PairEvent.failover:type_name -> lockstep.v1.FailoverSummary
+	2,  // 40: lockstep.v1.StateChange.from_state:type_name -> lockstep.v1.PairState
+	2,  // 41: lockstep.v1.StateChange.to_state:type_name -> lockstep.v1.PairState
+	10, // 42: lockstep.v1.CreatePairRequest.spec:type_name -> lockstep.v1.PairSpec
+	9,  // 43: lockstep.v1.CreatePairResponse.pair:type_name -> lockstep.v1.Pair
+	9,  // 44: lockstep.v1.GetPairResponse.pair:type_name -> lockstep.v1.Pair
+	9,  // 45: lockstep.v1.ListPairsResponse.pairs:type_name -> lockstep.v1.Pair
+	21, // 46: lockstep.v1.WatchPairResponse.event:type_name -> lockstep.v1.PairEvent
+	6,  // 47: lockstep.v1.FailoverRequest.mode:type_name -> lockstep.v1.FailoverMode
+	19, // 48: lockstep.v1.FailoverResponse.failover:type_name -> lockstep.v1.FailoverSummary
+	14, // 49: lockstep.v1.FailoverResponse.status:type_name -> lockstep.v1.PairStatus
+	14, // 50: lockstep.v1.ReprotectResponse.status:type_name -> lockstep.v1.PairStatus
+	50, // 51: lockstep.v1.SetParametersRequest.checkpoint_delay:type_name -> google.protobuf.Duration
+	50, // 52: lockstep.v1.SetParametersRequest.compare_timeout:type_name -> google.protobuf.Duration
+	12, // 53: lockstep.v1.SetParametersResponse.tunables:type_name -> lockstep.v1.Tunables
+	7,  // 54: lockstep.v1.PeerSideState.role:type_name -> lockstep.v1.Role
+	3,  // 55: lockstep.v1.PeerSideState.colo_mode:type_name -> lockstep.v1.ColoMode
+	39, // 56: lockstep.v1.HeartbeatRequest.sender:type_name -> lockstep.v1.PeerSideState
+	51, // 57: lockstep.v1.HeartbeatRequest.send_time:type_name -> google.protobuf.Timestamp
+	39, // 58: lockstep.v1.HeartbeatResponse.receiver:type_name -> lockstep.v1.PeerSideState
+	10, // 59: lockstep.v1.PrepareSecondaryRequest.spec:type_name -> lockstep.v1.PairSpec
+	43, // 60: lockstep.v1.PrepareSecondaryRequest.ports:type_name -> lockstep.v1.ProtectionPorts
+	43, // 61: lockstep.v1.PrepareSecondaryResponse.ports:type_name -> lockstep.v1.ProtectionPorts
+	8,  // 62: lockstep.v1.HandOverRequest.reason:type_name -> lockstep.v1.HandOverReason
+	50, // 63: lockstep.v1.HandOverResponse.duration:type_name -> google.protobuf.Duration
+	23, // 64: lockstep.v1.PairService.CreatePair:input_type -> lockstep.v1.CreatePairRequest
+	25, // 65: lockstep.v1.PairService.GetPair:input_type -> lockstep.v1.GetPairRequest
+	27, // 66: lockstep.v1.PairService.ListPairs:input_type -> lockstep.v1.ListPairsRequest
+	29, // 67: lockstep.v1.PairService.DeletePair:input_type -> lockstep.v1.DeletePairRequest
+	31, // 68: lockstep.v1.PairService.WatchPair:input_type -> lockstep.v1.WatchPairRequest
+	33, // 69: lockstep.v1.PairService.Failover:input_type -> lockstep.v1.FailoverRequest
+	35, // 70: lockstep.v1.PairService.Reprotect:input_type -> lockstep.v1.ReprotectRequest
+	37, // 71: lockstep.v1.PairService.SetParameters:input_type -> lockstep.v1.SetParametersRequest
+	41, // 72: lockstep.v1.PeerService.Heartbeat:input_type -> lockstep.v1.HeartbeatRequest
+	44, // 73: lockstep.v1.PeerService.PrepareSecondary:input_type -> lockstep.v1.PrepareSecondaryRequest
+	46, // 74: lockstep.v1.PeerService.TearDownSecondary:input_type -> lockstep.v1.TearDownSecondaryRequest
+	48, // 75: lockstep.v1.PeerService.HandOver:input_type -> lockstep.v1.HandOverRequest
+	24, // 76: lockstep.v1.PairService.CreatePair:output_type -> lockstep.v1.CreatePairResponse
+	26, // 77: lockstep.v1.PairService.GetPair:output_type -> lockstep.v1.GetPairResponse
+	28, // 78: lockstep.v1.PairService.ListPairs:output_type -> lockstep.v1.ListPairsResponse
+	30, // 79: lockstep.v1.PairService.DeletePair:output_type -> lockstep.v1.DeletePairResponse
+	32, // 80: lockstep.v1.PairService.WatchPair:output_type -> lockstep.v1.WatchPairResponse
+	34, // 81: lockstep.v1.PairService.Failover:output_type -> lockstep.v1.FailoverResponse
+	36, // 82: lockstep.v1.PairService.Reprotect:output_type -> lockstep.v1.ReprotectResponse
+	38, // 83: lockstep.v1.PairService.SetParameters:output_type -> lockstep.v1.SetParametersResponse
+	42, // 84: lockstep.v1.PeerService.Heartbeat:output_type -> lockstep.v1.HeartbeatResponse
+	45, // 85: lockstep.v1.PeerService.PrepareSecondary:output_type -> lockstep.v1.PrepareSecondaryResponse
+	47, // 86: lockstep.v1.PeerService.TearDownSecondary:output_type -> lockstep.v1.TearDownSecondaryResponse
+	49, // 87: lockstep.v1.PeerService.HandOver:output_type -> lockstep.v1.HandOverResponse
+	76, // [76:88] is the sub-list for method output_type
+	64, // [64:76] is the sub-list for method input_type
+	64, // [64:64] is the sub-list for extension type_name
+	64, // [64:64] is the sub-list for extension extendee
+	0,  // [0:64] is the sub-list for field type_name
 }
 
 func init() { file_lockstep_v1_lockstep_proto_init() }

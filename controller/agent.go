@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/lockstepvm/lockstep/checkpoint"
+	"github.com/lockstepvm/lockstep/coord"
 	"github.com/lockstepvm/lockstep/qmp"
 )
 
@@ -53,7 +54,15 @@ type AgentConfig struct {
 	OverlayDir string
 	Log        *slog.Logger
 	Watch      checkpoint.WatchConfig
+	// Store, when set, is where the pairs' configurations live (lockstepd's default: an etcd
+	// server inside lockstepd, data in the state folder): Create, SetParameters and Delete write
+	// there first, and a starting agent runs the pairs the store lists. Each pair's folder
+	// keeps a copy (pair.json) and its run-time state. Without a Store, the folders are all.
+	Store coord.Store
 }
+
+// storeTimeout bounds one call to the coordination store from the single-host agent.
+const storeTimeout = 10 * time.Second
 
 // Agent runs pairs in single-host mode: both sides of each pair on this machine, one process
 // hosting both. Each pair has one runner goroutine that owns its policy and its QEMUs.
@@ -83,25 +92,116 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &Agent{cfg: cfg, log: cfg.Log, ctx: ctx, cancel: cancel, pairs: map[string]*runner{}}
+	stored, err := a.storedPairs()
+	if err != nil {
+		cancel()
+		return nil, err
+	}
 	entries, err := os.ReadDir(filepath.Join(cfg.StateDir))
 	if err != nil {
 		cancel()
 		return nil, err
 	}
+	names := map[string]bool{}
 	for _, e := range entries {
-		if !e.IsDir() || e.Name() == "overlays" {
+		if e.IsDir() && e.Name() != "overlays" && nameIsPair(e.Name()) {
+			names[e.Name()] = true
+		}
+	}
+	for name := range stored {
+		names[name] = true
+	}
+	var toStart []*runner
+	for name := range names {
+		pc, fromStore := stored[name]
+		var pcp *PairConfig
+		if fromStore {
+			pcp = &pc
+		}
+		r, fresh, err := a.adopt(name, pcp)
+		if err != nil {
+			a.log.Error("cannot adopt pair", "pair", name, "err", err)
 			continue
 		}
-		r, err := a.adopt(e.Name())
-		if err != nil {
-			a.log.Error("cannot adopt pair", "pair", e.Name(), "err", err)
-			continue
+		if cfg.Store != nil && !fromStore {
+			// A folder from before the store (or from a store that lost it): the store learns it.
+			if err := a.storePair(r.pc, true); err != nil {
+				a.log.Error("cannot record the pair in the coordination store", "pair", name, "err", err)
+			} else {
+				a.log.Info("pair recorded in the coordination store from its folder", "pair", name)
+			}
 		}
 		r.publish("") // the status is right from the first Get
 		a.pairs[r.name] = r
 		a.start(r)
+		if fresh {
+			toStart = append(toStart, r)
+		}
+	}
+	// Pairs the store lists that this machine never ran (their folders are gone): started, since
+	// the store says they exist.
+	for _, r := range toStart {
+		a.log.Info("starting a pair the coordination store lists but no folder had", "pair", r.name)
+		if err := r.request(EvStart{}); err != nil {
+			a.log.Error("cannot start pair", "pair", r.name, "err", err)
+		}
 	}
 	return a, nil
+}
+
+// nameIsPair tells whether a state-folder entry can be a pair's folder (pair names start with
+// a letter or digit; the embedded store's folder starts with '_').
+func nameIsPair(name string) bool {
+	return name != "" && (name[0] >= 'a' && name[0] <= 'z' || name[0] >= 'A' && name[0] <= 'Z' || name[0] >= '0' && name[0] <= '9')
+}
+
+// storedPairs lists the pairs of the coordination store (none without a store).
+func (a *Agent) storedPairs() (map[string]PairConfig, error) {
+	out := map[string]PairConfig{}
+	if a.cfg.Store == nil {
+		return out, nil
+	}
+	ctx, cancel := context.WithTimeout(a.ctx, storeTimeout)
+	defer cancel()
+	all, err := a.cfg.Store.ListPairs(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("listing the pairs in the coordination store: %w", err)
+	}
+	for name, b := range all {
+		var pc PairConfig
+		if err := json.Unmarshal(b, &pc); err != nil || pc.Spec.Name != name {
+			a.log.Error("unreadable pair in the coordination store, left alone", "pair", name, "err", err)
+			continue
+		}
+		out[name] = pc
+	}
+	return out, nil
+}
+
+// storePair writes a pair's configuration to the coordination store, creating or replacing it;
+// without a store it does nothing.
+func (a *Agent) storePair(pc PairConfig, create bool) error {
+	if a.cfg.Store == nil {
+		return nil
+	}
+	b, err := json.Marshal(pc)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(a.ctx, storeTimeout)
+	defer cancel()
+	if create {
+		err = a.cfg.Store.CreatePair(ctx, pc.Spec.Name, b)
+		if errors.Is(err, coord.ErrExists) {
+			return fmt.Errorf("%q: %w (in the coordination store)", pc.Spec.Name, ErrExists)
+		}
+	} else {
+		err = a.cfg.Store.UpdatePair(ctx, pc.Spec.Name, b)
+	}
+	if err != nil {
+		return fmt.Errorf("coordination store: %w", err)
+	}
+	return nil
 }
 
 // Close stops the agent's goroutines. The QEMUs keep running; a new agent adopts them.
@@ -165,11 +265,16 @@ func (a *Agent) Create(pc PairConfig) (Status, error) {
 	if _, ok := a.pairs[pc.Spec.Name]; ok {
 		return Status{}, fmt.Errorf("%q: %w", pc.Spec.Name, ErrExists)
 	}
+	if err := a.storePair(pc, true); err != nil {
+		return Status{}, err
+	}
 	dir := a.pairDir(pc.Spec.Name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		a.unstore(pc.Spec.Name)
 		return Status{}, err
 	}
 	if err := writeJSON(filepath.Join(dir, "pair.json"), pc); err != nil {
+		a.unstore(pc.Spec.Name)
 		return Status{}, err
 	}
 	r := a.newRunner(pc, NewPolicy(a.policyConfig(pc)))
@@ -246,7 +351,23 @@ func (a *Agent) Delete(name string) error {
 	a.mu.Lock()
 	delete(a.pairs, name)
 	a.mu.Unlock()
+	if err := a.unstore(name); err != nil {
+		return err
+	}
 	return os.RemoveAll(a.pairDir(name))
+}
+
+// unstore removes a pair from the coordination store; one already gone is no error.
+func (a *Agent) unstore(name string) error {
+	if a.cfg.Store == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(a.ctx, storeTimeout)
+	defer cancel()
+	if err := a.cfg.Store.DeletePair(ctx, name); err != nil && !errors.Is(err, coord.ErrNotFound) {
+		return fmt.Errorf("removing pair %q from the coordination store: %w", name, err)
+	}
+	return nil
 }
 
 // Failover asks for a planned switchover, or a forced failover.
@@ -307,16 +428,29 @@ func readJSON(path string, v any) error {
 	return json.Unmarshal(b, v)
 }
 
-// adopt loads a pair from its folder and takes over its running QEMUs.
-func (a *Agent) adopt(name string) (*runner, error) {
+// adopt loads a pair, its configuration from the store (stored) or else from its folder, and
+// takes over its running QEMUs. fresh says the pair has no folder yet (a pair only the store
+// knew), which adopt creates.
+func (a *Agent) adopt(name string, stored *PairConfig) (r *runner, fresh bool, err error) {
 	dir := a.pairDir(name)
 	var pc PairConfig
-	if err := readJSON(filepath.Join(dir, "pair.json"), &pc); err != nil {
-		return nil, err
+	if stored != nil {
+		pc = *stored
+		if _, err := os.Stat(filepath.Join(dir, "pair.json")); errors.Is(err, os.ErrNotExist) {
+			fresh = true
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, false, err
+		}
+		if err := writeJSON(filepath.Join(dir, "pair.json"), pc); err != nil {
+			return nil, false, err
+		}
+	} else if err := readJSON(filepath.Join(dir, "pair.json"), &pc); err != nil {
+		return nil, false, err
 	}
 	var ps persisted
 	_ = readJSON(filepath.Join(dir, "state.json"), &ps)
-	r := a.newRunner(pc, nil)
+	r = a.newRunner(pc, nil)
 	ctx, cancel := context.WithTimeout(a.ctx, 5*time.Second)
 	defer cancel()
 	var alive [2]*checkpoint.VM
@@ -363,5 +497,5 @@ func (a *Agent) adopt(name string) (*runner, error) {
 		}
 	}
 	a.log.Info("pair adopted", "pair", name, "state", r.policy.State(), "primary", r.policy.Primary())
-	return r, nil
+	return r, fresh, nil
 }

@@ -652,6 +652,9 @@ func (r *runner) applyParams(ctx context.Context, spec checkpoint.Spec) error {
 		r.obs.SetDelay(spec.Tunables.CheckpointDelay)
 	}
 	r.mu.Unlock()
+	if err := r.agent.storePair(r.pc, false); err != nil {
+		r.log.Error("saving the pair's new tunables in the coordination store", "err", err)
+	}
 	if err := writeJSON(filepath.Join(r.dir, "pair.json"), r.pc); err != nil {
 		r.log.Error("saving the pair", "err", err)
 	}

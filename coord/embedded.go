@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -49,6 +50,7 @@ type Embedded struct {
 	dir       string
 	endpoints []string
 	closeOnce sync.Once
+	closing   *atomic.Bool
 }
 
 // StartEmbedded starts an etcd server in this process and waits until it serves.
@@ -118,7 +120,8 @@ func startEmbedded(cfg EmbeddedConfig) (_ *Embedded, picked []string, _ error) {
 	ec.TickMs = 50
 	ec.ElectionMs = 500
 	ec.LogLevel = "error"
-	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(newZapLogger(cfg.Log))
+	closing := new(atomic.Bool)
+	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(newZapLoggerClosing(cfg.Log, closing))
 	ec.ListenMetricsUrls = nil
 	ec.EnableGRPCGateway = false
 	// Hourly compaction keeps the history of a long-running agent bounded; the watchers in this
@@ -144,7 +147,7 @@ func startEmbedded(cfg EmbeddedConfig) (_ *Embedded, picked []string, _ error) {
 		e.Close()
 		return nil, picked, fmt.Errorf("coord: embedded etcd in %s not ready after %v", cfg.Dir, cfg.StartTimeout)
 	}
-	return &Embedded{etcd: e, dir: cfg.Dir, endpoints: []string{cu.String()}}, picked, nil
+	return &Embedded{etcd: e, dir: cfg.Dir, endpoints: []string{cu.String()}, closing: closing}, picked, nil
 }
 
 // concreteURL replaces port 0 with a free port: etcd advertises the URL it is given, so it needs
@@ -187,6 +190,7 @@ func (e *Embedded) Dir() string { return e.dir }
 // store as unavailable until a server is started again on the same data dir (and client URL).
 func (e *Embedded) Close() error {
 	e.closeOnce.Do(func() {
+		e.closing.Store(true)
 		e.etcd.Close()
 		<-e.etcd.Server.StopNotify()
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"slices"
+	"sync/atomic"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -14,16 +15,23 @@ import (
 // would drown the agent's own log while the store is down, and the agent reports "store
 // unreachable" itself.
 func newZapLogger(log *slog.Logger) *zap.Logger {
+	return newZapLoggerClosing(log, nil)
+}
+
+// newZapLoggerClosing is newZapLogger, silent once closing is set: an embedded server being
+// closed reports each of its listeners' ends as an error ("setting up serving ... failed").
+func newZapLoggerClosing(log *slog.Logger, closing *atomic.Bool) *zap.Logger {
 	if log == nil {
 		return zap.NewNop()
 	}
-	return zap.New(slogCore{log: log.With("component", "etcd")})
+	return zap.New(slogCore{log: log.With("component", "etcd"), closing: closing})
 }
 
 // slogCore is a zapcore.Core writing error-level entries to slog.
 type slogCore struct {
-	log    *slog.Logger
-	fields []zapcore.Field
+	log     *slog.Logger
+	fields  []zapcore.Field
+	closing *atomic.Bool
 }
 
 // Enabled passes errors and worse only: see newZapLogger.
@@ -31,7 +39,7 @@ func (c slogCore) Enabled(l zapcore.Level) bool { return l >= zapcore.ErrorLevel
 
 // With keeps the fields for every later entry, as zap cores must.
 func (c slogCore) With(fs []zapcore.Field) zapcore.Core {
-	return slogCore{log: c.log, fields: append(slices.Clip(c.fields), fs...)}
+	return slogCore{log: c.log, fields: append(slices.Clip(c.fields), fs...), closing: c.closing}
 }
 
 // Check adds this core for the entries Enabled lets through.
@@ -45,6 +53,9 @@ func (c slogCore) Check(e zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.Chec
 // Write turns the entry into one slog record; field order is lost, which slog readers do not
 // depend on.
 func (c slogCore) Write(e zapcore.Entry, fs []zapcore.Field) error {
+	if c.closing != nil && c.closing.Load() {
+		return nil
+	}
 	enc := zapcore.NewMapObjectEncoder()
 	for _, f := range c.fields {
 		f.AddTo(enc)

@@ -67,8 +67,13 @@ Usage:
   lockstepd [flags]
 
 Examples:
-  # The defaults: state in /var/lib/lockstep, API on /run/lockstep/lockstepd.sock (mode 0600).
+  # The defaults: state in /var/lib/lockstep, the pairs' specs in an etcd server inside
+  # lockstepd (loopback only, data in /var/lib/lockstep/_etcd), API on
+  # /run/lockstep/lockstepd.sock (mode 0600).
   lockstepd
+
+  # One host, the specs in an etcd cluster of your own.
+  lockstepd --etcd-endpoints https://10.0.0.9:2379 --etcd-cert c.pem --etcd-key c.key --etcd-ca ca.pem
 
   # A test instance with its own folders and Prometheus metrics on loopback.
   lockstepd --state-dir /tmp/ls/state --listen unix:///tmp/ls/api.sock --metrics-listen 127.0.0.1:9464
@@ -120,7 +125,7 @@ func run(args []string) int {
 	fs.DurationVar(&cfg.CheckTimeout, "check-timeout", cfg.CheckTimeout, "a QEMU that does not answer a check within this is taken as hung")
 	fs.StringVar(&cfg.Host, "host", "", "this agent's host name, as pair placements name it (two-host mode; default: the machine's host name)")
 	fs.StringVar(&cfg.PeerListen, "peer-listen", "", "host:port for the peer agents' PeerService; turns on two-host mode (pairs in the store, leases, fencing)")
-	fs.StringVar(&cfg.EtcdEndpoints, "etcd-endpoints", "", "comma-separated etcd client URLs of the coordination store (two-host mode; empty: an etcd server inside lockstepd, data in the state folder)")
+	fs.StringVar(&cfg.EtcdEndpoints, "etcd-endpoints", "", "comma-separated etcd client URLs of the coordination store, which holds the pairs' specs (and in two-host mode their leases); empty: an etcd server inside lockstepd on loopback, data in the state folder")
 	fs.StringVar(&cfg.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd over TLS")
 	fs.StringVar(&cfg.EtcdKey, "etcd-key", "", "client key (PEM) for etcd over TLS")
 	fs.StringVar(&cfg.EtcdCA, "etcd-ca", "", "CA (PEM) of the etcd servers")
@@ -161,9 +166,12 @@ func run(args []string) int {
 	}
 	srv := grpc.NewServer(opts...)
 	var emb *coord.Embedded
-	if cfg.EtcdServe != "" || (cfg.PeerListen != "" && cfg.EtcdEndpoints == "") {
+	// Without --etcd-endpoints the store is an etcd server inside lockstepd (loopback only unless
+	// --etcd-serve says where), its data in the state folder under "_etcd", a name no pair can
+	// have.
+	if cfg.EtcdServe != "" || cfg.EtcdEndpoints == "" {
 		url := cfg.EtcdServe
-		emb, err = coord.StartEmbedded(coord.EmbeddedConfig{Dir: filepath.Join(cfg.StateDir, "etcd"), ClientURL: url, Log: log})
+		emb, err = coord.StartEmbedded(coord.EmbeddedConfig{Dir: filepath.Join(cfg.StateDir, "_etcd"), ClientURL: url, Log: log})
 		if err != nil {
 			lis.Close()
 			log.Error("cannot start the embedded etcd server", "err", err)
@@ -184,13 +192,21 @@ func run(args []string) int {
 		}
 		pairAgent, cleanup = ca, stop
 	} else {
-		agent, err = controller.NewAgent(controller.AgentConfig{StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Log: log, Watch: watchCfg})
+		store, endpoints, err := openStore(cfg, emb, log)
 		if err != nil {
+			lis.Close()
+			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+			return 2
+		}
+		agent, err = controller.NewAgent(controller.AgentConfig{StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Log: log, Watch: watchCfg, Store: store})
+		if err != nil {
+			store.Close()
 			lis.Close()
 			log.Error("cannot start the agent", "err", err)
 			return 1
 		}
-		pairAgent, cleanup = agent, agent.Close
+		log.Info("single-host mode", "etcd", endpoints, "embedded", emb != nil)
+		pairAgent, cleanup = agent, func() { agent.Close(); store.Close() }
 	}
 	pb.RegisterPairServiceServer(srv, &controller.PairServer{Agent: pairAgent})
 	hs := health.NewServer()
@@ -260,24 +276,7 @@ func startCluster(cfg config, emb *coord.Embedded, srv *grpc.Server, log *slog.L
 		}
 		host = h
 	}
-	var endpoints []string
-	for _, e := range strings.Split(cfg.EtcdEndpoints, ",") {
-		if e = strings.TrimSpace(e); e != "" {
-			endpoints = append(endpoints, e)
-		}
-	}
-	if len(endpoints) == 0 && emb != nil {
-		endpoints = emb.Endpoints()
-	}
-	ec := coord.EtcdConfig{Endpoints: endpoints, Log: log}
-	if cfg.EtcdCert != "" || cfg.EtcdKey != "" || cfg.EtcdCA != "" {
-		t, err := coord.TLSConfig(cfg.EtcdCert, cfg.EtcdKey, cfg.EtcdCA)
-		if err != nil {
-			return nil, nil, fmt.Errorf("--etcd-cert/--etcd-key/--etcd-ca: %w", err)
-		}
-		ec.TLS = t
-	}
-	store, err := coord.NewEtcd(ec)
+	store, endpoints, err := openStore(cfg, emb, log)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -301,6 +300,32 @@ func startCluster(cfg config, emb *coord.Embedded, srv *grpc.Server, log *slog.L
 	go func() { _ = psrv.Serve(pl) }()
 	log.Info("two-host mode", "host", host, "peer-listen", pl.Addr().String(), "etcd", endpoints)
 	return ca, func() { psrv.Stop(); ca.Close(); store.Close() }, nil
+}
+
+// openStore connects to the coordination store: --etcd-endpoints, else the embedded server.
+func openStore(cfg config, emb *coord.Embedded, log *slog.Logger) (*coord.Etcd, []string, error) {
+	var endpoints []string
+	for _, e := range strings.Split(cfg.EtcdEndpoints, ",") {
+		if e = strings.TrimSpace(e); e != "" {
+			endpoints = append(endpoints, e)
+		}
+	}
+	if len(endpoints) == 0 && emb != nil {
+		endpoints = emb.Endpoints()
+	}
+	ec := coord.EtcdConfig{Endpoints: endpoints, Log: log}
+	if cfg.EtcdCert != "" || cfg.EtcdKey != "" || cfg.EtcdCA != "" {
+		t, err := coord.TLSConfig(cfg.EtcdCert, cfg.EtcdKey, cfg.EtcdCA)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--etcd-cert/--etcd-key/--etcd-ca: %w", err)
+		}
+		ec.TLS = t
+	}
+	store, err := coord.NewEtcd(ec)
+	if err != nil {
+		return nil, nil, err
+	}
+	return store, endpoints, nil
 }
 
 // loadConfig reads the YAML file into cfg, except for flags set on the command line.

@@ -202,7 +202,16 @@ func (a *ClusterAgent) ensure(pc PairConfig) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if _, ok := a.runners[pc.Spec.Name]; ok || a.ctx.Err() != nil {
+	if r, ok := a.runners[pc.Spec.Name]; ok {
+		// A pair this host runs already: only its tunables may have changed (set at run time).
+		select {
+		case r.events <- specUpdate{pc: pc}:
+		default:
+			a.log.Warn("pair runner busy: a tunables update from the store was dropped (the runner keeps its tunables until the next update)", "pair", pc.Spec.Name)
+		}
+		return
+	}
+	if a.ctx.Err() != nil {
 		return
 	}
 	r, err := newHostRunner(a, pc, side)
@@ -352,7 +361,7 @@ func (a *ClusterAgent) Get(name string) (Status, error) {
 // Config returns a pair's configuration, from the store for a pair of other hosts.
 func (a *ClusterAgent) Config(name string) (PairConfig, error) {
 	if r, err := a.runner(name); err == nil {
-		return r.pc, nil
+		return r.config(), nil
 	}
 	ctx, cancel := context.WithTimeout(a.ctx, 2*time.Second)
 	defer cancel()
@@ -461,12 +470,14 @@ func (a *ClusterAgent) Reprotect(name string) error {
 	return fmt.Errorf("reprotect: a pair that spans two hosts re-protects by itself when the peer is back: %w", ErrWrongState)
 }
 
-// SetParameters is not offered across hosts yet.
+// SetParameters changes tunables at run time; the agent of the host that runs the protected
+// primary does it (the others say which host that is).
 func (a *ClusterAgent) SetParameters(ctx context.Context, name string, t checkpoint.Tunables) error {
-	if _, err := a.local(name); err != nil {
+	r, err := a.local(name)
+	if err != nil {
 		return err
 	}
-	return fmt.Errorf("set parameters: not offered for a pair that spans two hosts yet: %w", ErrWrongState)
+	return r.setParameters(ctx, t)
 }
 
 // Watch streams this host's view of a pair.

@@ -28,7 +28,7 @@ import (
 // on the io goroutine; long QMP sequences run on a worker.
 type hostRunner struct {
 	a      *ClusterAgent
-	pc     PairConfig
+	pcp    atomic.Pointer[PairConfig] // the pair's config; replaced (never changed) when tunables change
 	name   string
 	side   Side
 	dir    string
@@ -52,6 +52,7 @@ type hostRunner struct {
 	hbInFlight  atomic.Bool
 	lastHB      atomic.Int64    // unix nanoseconds of the last successful exchange
 	pendingPrep *pendingPrepare // the PrepareSecondary being served, for ActHPrepare
+	metrics     *pairMetrics    // cumulative, across generations and roles
 
 	pairView // status, watch streams, the observer
 }
@@ -70,6 +71,8 @@ type pendingPrepare struct {
 
 type hostReply struct {
 	err  error
+	vm   *checkpoint.VM // for hParams: the protected primary's QEMU
+	pc   PairConfig     // for hParams: the pair as this runner has it
 	view PeerView
 	prep chan prepareResult // for HPrepare: the prepared secondary, once ready
 }
@@ -129,6 +132,17 @@ type hostVMEvent struct {
 func (hostVMEvent) isHostEvent() {}
 
 // localSignal is a failure signal of the local QEMU, with the VM it is about.
+// hParams asks the run goroutine for the protected primary's QEMU and the pair's config, to
+// change tunables at run time; it is not a policy event.
+type hParams struct{}
+
+func (hParams) isHostEvent() {}
+
+// specUpdate brings a pair's new config (tunables changed at run time) to the run goroutine.
+type specUpdate struct{ pc PairConfig }
+
+func (specUpdate) isHostEvent() {}
+
 type localSignal struct {
 	vm   *checkpoint.VM
 	kind SignalKind
@@ -143,22 +157,27 @@ func newHostRunner(a *ClusterAgent, pc PairConfig, side Side) (*hostRunner, erro
 		return nil, err
 	}
 	r := &hostRunner{
-		a: a, pc: pc, name: pc.Spec.Name, side: side, dir: filepath.Join(a.cfg.StateDir, pc.Spec.Name),
+		a: a, name: pc.Spec.Name, side: side, dir: filepath.Join(a.cfg.StateDir, pc.Spec.Name),
 		log: a.log.With("pair", pc.Spec.Name, "host", a.cfg.Host), pol: pol,
 		events: make(chan HostEvent, 64), calls: make(chan hostCall), io: make(chan func(context.Context), 64),
 		stopc: make(chan chan struct{}), done: make(chan struct{}),
 		pairView: newPairView(Status{Name: pc.Spec.Name, State: StateStopped, Cluster: true, AutoReprotect: !pc.NoAutoReprotect}),
+		metrics:  newPairMetrics(),
 	}
+	r.pcp.Store(&pc)
 	if err := os.MkdirAll(r.dir, 0o700); err != nil {
 		return nil, err
 	}
 	return r, nil
 }
 
-func (r *hostRunner) peerAgent() string { return r.pc.Sides[r.side.Other()].Agent }
+// config is the pair's config, safe from any goroutine.
+func (r *hostRunner) config() PairConfig { return *r.pcp.Load() }
+
+func (r *hostRunner) peerAgent() string { return r.config().Sides[r.side.Other()].Agent }
 
 func (r *hostRunner) localSide() checkpoint.Side {
-	sc := r.pc.Sides[r.side]
+	sc := r.config().Sides[r.side]
 	ov := filepath.Join(r.a.cfg.OverlayDir, r.name)
 	return checkpoint.Side{Host: sc.Host, RunDir: filepath.Join(r.dir, "qemu"), Disk: sc.Disk,
 		Active: filepath.Join(ov, "active.qcow2"), Hidden: filepath.Join(ov, "hidden.qcow2"), NetSocket: sc.NetSocket}
@@ -254,6 +273,10 @@ func (r *hostRunner) run(ctx context.Context) {
 		case <-statsTick.C:
 			r.publishStats()
 		case c := <-r.calls:
+			if _, ok := c.ev.(hParams); ok {
+				c.reply <- r.paramsTarget()
+				continue
+			}
 			rep := hostReply{}
 			acts, err := r.pol.Step(c.ev)
 			rep.err = err
@@ -278,6 +301,14 @@ func (r *hostRunner) run(ctx context.Context) {
 
 func (r *hostRunner) handle(ctx context.Context, ev HostEvent) {
 	switch e := ev.(type) {
+	case specUpdate:
+		// Tunables changed at run time (here or by the peer's agent, through the store): the
+		// next protection uses them, and the observer rates checkpoints against the new delay.
+		pc := r.config()
+		pc.Spec.Tunables = e.pc.Spec.WithDefaults().Tunables
+		r.pcp.Store(&pc)
+		r.setObserverDelay(pc.Spec.Tunables.CheckpointDelay)
+		return
 	case localSignal:
 		if e.vm != r.vm {
 			return // about a VM that is gone already
@@ -491,7 +522,7 @@ func (r *hostRunner) exec(ctx context.Context, acts []HostAction) {
 			r.killVM(a.Why)
 		case ActHBoot:
 			r.spawn(ctx, func(ctx context.Context) HostEvent {
-				vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RolePrimary, Side: r.localSide(), Log: r.log, Start: r.a.spawn.start})
+				vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.config().Spec, Role: checkpoint.RolePrimary, Side: r.localSide(), Log: r.log, Start: r.a.spawn.start})
 				if err != nil {
 					return HBootFailed{Err: err.Error()}
 				}
@@ -561,7 +592,7 @@ func (r *hostRunner) exec(ctx context.Context, acts []HostAction) {
 				r.vmCancel = nil
 			}
 			r.stopObserver()
-			delay := uint32(r.pc.Spec.Tunables.CheckpointDelay / time.Millisecond)
+			delay := uint32(r.config().Spec.Tunables.CheckpointDelay / time.Millisecond)
 			r.queue(func(ctx context.Context) {
 				if vm == nil {
 					return
@@ -647,7 +678,7 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 		return fail(errors.New("no primary QEMU"))
 	}
 	if !reprotect {
-		if err := settleBoot(ctx, r.log, r.pc.Spec, prim); err != nil {
+		if err := settleBoot(ctx, r.log, r.config().Spec, prim); err != nil {
 			return fail(err)
 		}
 	}
@@ -666,7 +697,7 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 	if err != nil {
 		return fail(fmt.Errorf("peer %s: %w", r.peerAgent(), err))
 	}
-	spec := PairSpecToProto(r.pc)
+	spec := PairSpecToProto(r.config())
 	resp, err := pb.NewPeerServiceClient(c).PrepareSecondary(pctx, &pb.PrepareSecondaryRequest{
 		PairName: r.name, Epoch: a.Epoch, Generation: uint64(a.Gen), Spec: spec, PrimaryHost: r.a.cfg.Host,
 		PrimaryAddress: ps.Host, PrimaryQemuVersion: version, ResyncDisk: true,
@@ -678,9 +709,10 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 	g := checkpoint.Generation{N: a.Gen, PrimaryHost: ps.Host, SecondaryHost: resp.GetSecondaryAddress(),
 		Ports: checkpoint.Ports{NBD: int(resp.GetPorts().GetNbd()), Mirror: ports[0], Compare: ports[1], CompareIn: ports[2], CompareOut: ports[3]}}
 	migAddr := net.JoinHostPort(resp.GetSecondaryAddress(), fmt.Sprint(resp.GetPorts().GetMigration()))
-	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
+	obs := checkpoint.NewObserver(r.config().Spec.Tunables.CheckpointDelay)
+	obs.OnCheckpoint(r.metrics.checkpoint)
 	cfg := checkpoint.ProtectConfig{
-		Spec: r.pc.Spec, Gen: g, Primary: prim.QMP, SecondaryVersion: resp.GetSecondaryQemuVersion(),
+		Spec: r.config().Spec, Gen: g, Primary: prim.QMP, SecondaryVersion: resp.GetSecondaryQemuVersion(),
 		DialMigration: dialLink(migAddr, obs),
 		OnResync:      r.resync,
 	}
@@ -717,13 +749,13 @@ func (r *hostRunner) prepare(ctx context.Context, gen int, pp *pendingPrepare) H
 	g := checkpoint.Generation{N: gen, PrimaryHost: req.GetPrimaryAddress(), SecondaryHost: ss.Host,
 		Ports: checkpoint.Ports{NBD: ports[0], Mirror: int(req.GetPorts().GetMirror()), Compare: int(req.GetPorts().GetCompare()),
 			CompareIn: ports[1], CompareOut: ports[2]}} // CompareIn/Out are the primary's own; unused here
-	if err := ensureDisk(ss.Disk, r.pc.Spec.DiskSize); err != nil {
+	if err := ensureDisk(ss.Disk, r.config().Spec.DiskSize); err != nil {
 		return fail(err)
 	}
 	if err := os.MkdirAll(filepath.Dir(ss.Active), 0o700); err != nil {
 		return fail(err)
 	}
-	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RoleSecondary, Side: ss, PrimaryHost: g.PrimaryHost, Ports: g.Ports, Log: r.log, Start: r.a.spawn.start})
+	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.config().Spec, Role: checkpoint.RoleSecondary, Side: ss, PrimaryHost: g.PrimaryHost, Ports: g.Ports, Log: r.log, Start: r.a.spawn.start})
 	if err != nil {
 		return fail(err)
 	}
@@ -844,7 +876,7 @@ func (r *hostRunner) publish() {
 	if ns := r.lastHB.Load(); ns > 0 {
 		s.LastHeartbeat = time.Unix(0, ns)
 	}
-	me, other := r.pc.Sides[r.side], r.pc.Sides[r.side.Other()]
+	me, other := r.config().Sides[r.side], r.config().Sides[r.side.Other()]
 	s.PrimaryHost, s.SecondaryHost = "", ""
 	s.ColoMode = [2]string{}
 	switch {
@@ -858,7 +890,7 @@ func (r *hostRunner) publish() {
 	case p.PeerReachable() && runsVM(peer.Role):
 		s.PrimarySide, s.PrimaryHost = r.side.Other(), other.Agent
 	}
-	s.CheckpointTime = r.pc.Spec.Tunables.CheckpointDelay
+	s.CheckpointTime = r.config().Spec.Tunables.CheckpointDelay
 	if state != StateProtected {
 		s.Checkpoints = checkpoint.Stats{}
 	}
@@ -961,4 +993,52 @@ func (r *hostRunner) drain() {
 	case <-time.After(5 * time.Second):
 		r.log.Warn("the hand-over did not finish before stopping")
 	}
+}
+
+// paramsTarget answers hParams on the run goroutine: the primary's QEMU if this host runs the
+// pair's primary protected, else an error naming what is wrong.
+func (r *hostRunner) paramsTarget() hostReply {
+	if r.pol.Role() != RolePrimary {
+		peer := r.peerAgent()
+		if r.pol.Peer().Role == RolePrimary {
+			return hostReply{err: fmt.Errorf("set parameters: host %s runs the primary; ask its agent: %w", peer, ErrWrongState)}
+		}
+		return hostReply{err: fmt.Errorf("set parameters: this host is %s, not the primary: %w", r.pol.Role(), ErrWrongState)}
+	}
+	if !r.pol.Colo() || r.vm == nil {
+		return hostReply{err: fmt.Errorf("set parameters: the pair is not protected (the primary runs alone); parameters apply to a protected pair: %w", ErrWrongState)}
+	}
+	return hostReply{vm: r.vm, pc: r.config()}
+}
+
+// setParameters changes tunables at run time on the protected primary this host runs: QEMU's
+// migration parameters first (the checkpoint delay takes effect at once), then the pair's spec
+// in the store, which the peer's agent follows.
+func (r *hostRunner) setParameters(ctx context.Context, t checkpoint.Tunables) error {
+	rep, err := r.call(hParams{})
+	if err != nil {
+		return err
+	}
+	spec, err := mergeTunables(rep.pc.Spec, t)
+	if err != nil {
+		return err
+	}
+	if err := applyTunables(ctx, rep.vm.QMP, spec); err != nil {
+		return fmt.Errorf("set parameters: %w", err)
+	}
+	pc := rep.pc
+	pc.Spec = spec
+	b, err := json.Marshal(pc)
+	if err != nil {
+		return err
+	}
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := r.a.cfg.Store.UpdatePair(sctx, r.name, b); err != nil {
+		// QEMU runs with the new values; the store (and so the peer and the next protection)
+		// does not have them.
+		return fmt.Errorf("set parameters: applied to QEMU, but the store did not take them: %w", err)
+	}
+	r.post(ctx, specUpdate{pc: pc})
+	return nil
 }

@@ -43,8 +43,28 @@ func (m *pairMetrics) checkpoint(pause time.Duration, early bool) {
 }
 
 // WriteMetrics writes the agent's metrics in Prometheus' text exposition format.
-func (a *Agent) WriteMetrics(w io.Writer) {
-	statuses := a.List()
+func (a *Agent) WriteMetrics(w io.Writer) { writeMetrics(w, a.List(), a.metricsByPair()) }
+
+// WriteMetrics writes, in Prometheus' text exposition format, the metrics of the pairs this
+// host runs a side of, as this host sees them.
+func (a *ClusterAgent) WriteMetrics(w io.Writer) {
+	a.mu.Lock()
+	rs := make([]*hostRunner, 0, len(a.runners))
+	for _, r := range a.runners {
+		rs = append(rs, r)
+	}
+	a.mu.Unlock()
+	statuses := make([]Status, 0, len(rs))
+	ms := make(map[string]*pairMetrics, len(rs))
+	for _, r := range rs {
+		statuses = append(statuses, r.status())
+		ms[r.name] = r.metrics
+	}
+	sort.Slice(statuses, func(i, j int) bool { return statuses[i].Name < statuses[j].Name })
+	writeMetrics(w, statuses, ms)
+}
+
+func writeMetrics(w io.Writer, statuses []Status, ms map[string]*pairMetrics) {
 	var b strings.Builder
 	b.WriteString("# HELP lockstep_pair_state Current state of each pair (1 for the state it is in).\n# TYPE lockstep_pair_state gauge\n")
 	states := []State{StateStopped, StateStarting, StateProtecting, StateProtected, StateDegraded, StateFailingOver, StateReprotecting, StateFailed}
@@ -62,7 +82,6 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 		fmt.Fprintf(&b, "lockstep_failovers_total{pair=%q} %d\n", st.Name, st.Failovers)
 	}
 	b.WriteString("# HELP lockstep_checkpoints_total COLO checkpoints of each pair; early ones came from a packet mismatch.\n# TYPE lockstep_checkpoints_total counter\n")
-	ms := a.metricsByPair()
 	names := make([]string, 0, len(ms))
 	for n := range ms {
 		names = append(names, n)

@@ -124,6 +124,15 @@ func (v *pairView) runObserver(obs *checkpoint.Observer, sub *qmp.Subscription) 
 	}
 }
 
+// setObserverDelay tells the running observer (if any) the new checkpoint delay.
+func (v *pairView) setObserverDelay(d time.Duration) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.obs != nil {
+		v.obs.SetDelay(d)
+	}
+}
+
 func (v *pairView) stopObserver() {
 	v.mu.Lock()
 	stop := v.obsStop

@@ -601,17 +601,8 @@ func (r *runner) setParameters(ctx context.Context, t checkpoint.Tunables) error
 	if st.State != StateProtected {
 		return fmt.Errorf("set parameters: pair is %s; parameters apply to a protected pair: %w", st.State, ErrWrongState)
 	}
-	spec := r.pc.Spec
-	if t.CheckpointDelay != 0 {
-		spec.Tunables.CheckpointDelay = t.CheckpointDelay
-	}
-	if t.MaxBandwidth != 0 {
-		spec.Tunables.MaxBandwidth = t.MaxBandwidth
-	}
-	if t.CompareTimeout != 0 {
-		return &checkpoint.FieldError{Field: "compare_timeout", Reason: "takes effect at the next protection only; not changeable at run time"}
-	}
-	if err := spec.Validate(); err != nil {
+	spec, err := mergeTunables(r.pc.Spec, t)
+	if err != nil {
 		return err
 	}
 	errc := make(chan error, 1)
@@ -634,15 +625,7 @@ func (r *runner) applyParams(ctx context.Context, spec checkpoint.Spec) error {
 	if prim == nil || r.policy.State() != StateProtected {
 		return fmt.Errorf("set parameters: pair is %s: %w", r.policy.State(), ErrWrongState)
 	}
-	delay := uint32(spec.Tunables.CheckpointDelay / time.Millisecond)
-	p := qmp.MigrationParameters{XCheckpointDelay: &delay}
-	if spec.Tunables.MaxBandwidth > 0 {
-		bw := spec.Tunables.MaxBandwidth
-		p.MaxBandwidth = &bw
-	}
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	if err := prim.QMP.MigrateSetParameters(cctx, p); err != nil {
+	if err := applyTunables(ctx, prim.QMP, spec); err != nil {
 		return err
 	}
 	r.pc.Spec = spec
@@ -659,6 +642,38 @@ func (r *runner) applyParams(ctx context.Context, spec checkpoint.Spec) error {
 		r.log.Error("saving the pair", "err", err)
 	}
 	return nil
+}
+
+// mergeTunables applies the run-time changes in t (its non-zero fields) to spec; the compare
+// timeout cannot change at run time.
+func mergeTunables(spec checkpoint.Spec, t checkpoint.Tunables) (checkpoint.Spec, error) {
+	if t.CheckpointDelay != 0 {
+		spec.Tunables.CheckpointDelay = t.CheckpointDelay
+	}
+	if t.MaxBandwidth != 0 {
+		spec.Tunables.MaxBandwidth = t.MaxBandwidth
+	}
+	if t.CompareTimeout != 0 {
+		return spec, &checkpoint.FieldError{Field: "compare_timeout", Reason: "takes effect at the next protection only; not changeable at run time"}
+	}
+	if err := spec.Validate(); err != nil {
+		return spec, err
+	}
+	return spec, nil
+}
+
+// applyTunables sets the run-time tunables of spec on a protected primary's QEMU: the checkpoint
+// delay (effective at once) and the bandwidth cap.
+func applyTunables(ctx context.Context, q *qmp.Client, spec checkpoint.Spec) error {
+	delay := uint32(spec.Tunables.CheckpointDelay / time.Millisecond)
+	p := qmp.MigrationParameters{XCheckpointDelay: &delay}
+	if spec.Tunables.MaxBandwidth > 0 {
+		bw := spec.Tunables.MaxBandwidth
+		p.MaxBandwidth = &bw
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return q.MigrateSetParameters(cctx, p)
 }
 
 // paramsEvent is handled by the runner itself, not the policy.

@@ -4,10 +4,13 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -116,7 +119,8 @@ func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
 		if _, err := n.AddTap("vm0"); err != nil {
 			t.Fatal(err)
 		}
-		c.agents[h] = c.start(n, "--host", h, "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", etcdURL)
+		c.agents[h] = c.start(n, "--host", h, "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", etcdURL,
+			"--metrics-listen", netip.AddrPortFrom(n.IP(), 9464).String())
 	}
 	diskA := filepath.Join(c.dir, "A", "disk.raw")
 	if err := guest.CreateDisk(diskA, guest.DiskSize); err != nil {
@@ -469,9 +473,30 @@ func TestTwoHostsAgentKilled(t *testing.T) {
 func TestTwoHostsSwitchoverAndStop(t *testing.T) {
 	c, spec := newCluster(t)
 	w, st := c.protectWithWriter(spec)
-	apiA := dialAPI(t, c.agents["A"].sock)
+	apiA, apiB := dialAPI(t, c.agents["A"].sock), dialAPI(t, c.agents["B"].sock)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
+
+	// Tunables at run time: the primary's agent applies them and the store carries them to the
+	// peer's, which uses them once it is the primary; the secondary's agent says who can.
+	setDelay := &pb.SetParametersRequest{Name: "db1", CheckpointDelay: durationpb.New(300 * time.Millisecond)}
+	if _, err := apiB.SetParameters(ctx, setDelay); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "host A runs the primary") {
+		t.Errorf("set asked of the secondary's agent: %v, want FailedPrecondition naming host A", err)
+	}
+	sp, err := apiA.SetParameters(ctx, setDelay)
+	if err != nil || sp.GetTunables().GetCheckpointDelay().AsDuration() != 300*time.Millisecond {
+		t.Fatalf("set on the primary's agent: %v %v", sp, err)
+	}
+	w.waitAcked(t, w.Acked()+5, 30*time.Second)
+	metricsA := c.metrics("A")
+	for _, m := range []string{`lockstep_pair_state{pair="db1",state="protected"} 1`, `lockstep_checkpoint_pause_seconds_count{pair="db1"}`} {
+		if !strings.Contains(metricsA, m) {
+			t.Errorf("A's metrics lack %s:\n%s", m, metricsA)
+		}
+	}
+	if strings.Contains(metricsA, `lockstep_checkpoint_pause_seconds_count{pair="db1"} 0`) {
+		t.Errorf("A's metrics count no checkpoint:\n%s", metricsA)
+	}
 	t0 := time.Now()
 	resp, err := apiA.Failover(ctx, &pb.FailoverRequest{Name: "db1", Mode: pb.FailoverMode_FAILOVER_MODE_PLANNED})
 	if err != nil {
@@ -487,6 +512,9 @@ func TestTwoHostsSwitchoverAndStop(t *testing.T) {
 	onB := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
 	if onB.GetPrimaryHost() != "B" || onB.GetEpoch() <= st.GetEpoch() {
 		t.Fatalf("after the switchover: primary %q at epoch %d, want B above %d", onB.GetPrimaryHost(), onB.GetEpoch(), st.GetEpoch())
+	}
+	if d := onB.GetTunables().GetCheckpointDelay().AsDuration(); d != 300*time.Millisecond {
+		t.Errorf("B protects with checkpoint delay %v, want the 300ms set on A", d)
 	}
 	// Refused while B is the primary: A cannot switch over a VM it does not run.
 	if _, err := apiA.Failover(ctx, &pb.FailoverRequest{Name: "db1", Mode: pb.FailoverMode_FAILOVER_MODE_PLANNED}); status.Code(err) != codes.FailedPrecondition {
@@ -512,6 +540,22 @@ func TestTwoHostsSwitchoverAndStop(t *testing.T) {
 	t.Logf("SIGTERM of B's agent: the VM is back on A, first ack %v after the signal", first.Sub(stop).Round(time.Millisecond))
 	n := w.verify(t)
 	t.Logf("%d records acknowledged, none lost, same connection", n)
+}
+
+// metrics fetches host's Prometheus metrics, from inside its namespace.
+func (c *cluster) metrics(host string) string {
+	n := c.lab.Node(host)
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: n.Dial}}
+	resp, err := hc.Get("http://" + netip.AddrPortFrom(n.IP(), 9464).String() + "/metrics")
+	if err != nil {
+		c.t.Fatalf("metrics of %s: %v", host, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		c.t.Fatalf("metrics of %s: %v", host, err)
+	}
+	return string(b)
 }
 
 // consoleExcerpt is the part of a guest console worth reading after a failure: from the first

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -220,8 +221,8 @@ func run(args []string) int {
 		mux := http.NewServeMux()
 		mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
 			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-			if agent != nil {
-				agent.WriteMetrics(w)
+			if m, ok := pairAgent.(interface{ WriteMetrics(io.Writer) }); ok {
+				m.WriteMetrics(w)
 			}
 		})
 		ml, err := net.Listen("tcp", cfg.MetricsListen)

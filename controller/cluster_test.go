@@ -99,6 +99,12 @@ func TestClusterAgentStoreView(t *testing.T) {
 	if err := a.Failover("db1", false); !errors.Is(err, ErrWrongState) || !strings.Contains(err.Error(), "x and y") {
 		t.Fatalf("failover of another hosts' pair: %v, want ErrWrongState naming x and y", err)
 	}
+	if err := a.SetParameters(ctx, "db1", checkpoint.Tunables{CheckpointDelay: time.Second}); !errors.Is(err, ErrWrongState) || !strings.Contains(err.Error(), "x and y") {
+		t.Fatalf("set on another hosts' pair: %v, want ErrWrongState naming x and y", err)
+	}
+	if err := a.SetParameters(ctx, "nope", checkpoint.Tunables{CheckpointDelay: time.Second}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("set on an unknown pair: %v, want ErrNotFound", err)
+	}
 	if _, err := a.Get("nope"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown pair: %v, want ErrNotFound", err)
 	}

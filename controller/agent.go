@@ -173,6 +173,12 @@ func (a *Agent) storedPairs() (map[string]PairConfig, error) {
 			a.log.Error("unreadable pair in the coordination store, left alone", "pair", name, "err", err)
 			continue
 		}
+		if pc.Sides[0].Agent != "" || pc.Sides[1].Agent != "" {
+			// Placed on named hosts: a two-host pair, which those hosts' agents run.
+			a.log.Error("a two-host pair among this single-host agent's pairs in the store, left alone", "pair", name,
+				"hosts", pc.Sides[0].Agent+","+pc.Sides[1].Agent)
+			continue
+		}
 		out[name] = pc
 	}
 	return out, nil

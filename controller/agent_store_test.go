@@ -138,3 +138,26 @@ func TestAgentKeepsPairsInTheStore(t *testing.T) {
 		t.Fatalf("get after delete: %v", err)
 	}
 }
+
+// A two-host pair found among a single-host agent's pairs (placed on named hosts) is left alone.
+func TestAgentLeavesTwoHostPairsAlone(t *testing.T) {
+	store := embeddedStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	two := []byte(`{"spec":{"name":"db9"},"sides":[{"host":"10.0.0.1","disk":"/a","agent":"A"},{"host":"10.0.0.2","disk":"/b","agent":"B"}]}`)
+	if err := store.CreatePair(ctx, "db9", two); err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	a, err := NewAgent(AgentConfig{StateDir: state, Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	if got := agentNames(a); len(got) != 0 {
+		t.Fatalf("agent runs %v, want nothing", got)
+	}
+	if _, err := os.Stat(filepath.Join(state, "db9")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("folder made for a two-host pair: %v", err)
+	}
+}

@@ -124,7 +124,7 @@ func run(args []string) int {
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "log level: debug, info, warn or error")
 	fs.DurationVar(&cfg.CheckInterval, "check-interval", cfg.CheckInterval, "how often each QEMU's health is checked over QMP")
 	fs.DurationVar(&cfg.CheckTimeout, "check-timeout", cfg.CheckTimeout, "a QEMU that does not answer a check within this is taken as hung")
-	fs.StringVar(&cfg.Host, "host", "", "this agent's host name, as pair placements name it (two-host mode; default: the machine's host name)")
+	fs.StringVar(&cfg.Host, "host", "", "this agent's host name (default: the machine's host name): two-host pair placements name hosts so; in single-host mode it names this agent's part of the store")
 	fs.StringVar(&cfg.PeerListen, "peer-listen", "", "host:port for the peer agents' PeerService; turns on two-host mode (pairs in the store, leases, fencing)")
 	fs.StringVar(&cfg.EtcdEndpoints, "etcd-endpoints", "", "comma-separated etcd client URLs of the coordination store, which holds the pairs' specs (and in two-host mode their leases); empty: an etcd server inside lockstepd on loopback, data in the state folder")
 	fs.StringVar(&cfg.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd over TLS")
@@ -193,7 +193,13 @@ func run(args []string) int {
 		}
 		pairAgent, cleanup = ca, stop
 	} else {
-		store, endpoints, err := openStore(cfg, emb, log)
+		host, err := thisHost(cfg)
+		if err != nil {
+			lis.Close()
+			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+			return 2
+		}
+		store, endpoints, err := openStore(cfg, emb, log, singleHostPrefix(host))
 		if err != nil {
 			lis.Close()
 			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
@@ -206,7 +212,7 @@ func run(args []string) int {
 			log.Error("cannot start the agent", "err", err)
 			return 1
 		}
-		log.Info("single-host mode", "etcd", endpoints, "embedded", emb != nil)
+		log.Info("single-host mode", "etcd", endpoints, "embedded", emb != nil, "prefix", singleHostPrefix(host))
 		pairAgent, cleanup = agent, func() { agent.Close(); store.Close() }
 	}
 	pb.RegisterPairServiceServer(srv, &controller.PairServer{Agent: pairAgent})
@@ -269,15 +275,11 @@ func run(args []string) int {
 // startCluster starts two-host mode: the store client, the cluster agent and its PeerService
 // listener. The returned function stops them.
 func startCluster(cfg config, emb *coord.Embedded, srv *grpc.Server, log *slog.Logger, watch checkpoint.WatchConfig) (*controller.ClusterAgent, func(), error) {
-	host := cfg.Host
-	if host == "" {
-		h, err := os.Hostname()
-		if err != nil {
-			return nil, nil, fmt.Errorf("--host: %w", err)
-		}
-		host = h
+	host, err := thisHost(cfg)
+	if err != nil {
+		return nil, nil, err
 	}
-	store, endpoints, err := openStore(cfg, emb, log)
+	store, endpoints, err := openStore(cfg, emb, log, "")
 	if err != nil {
 		return nil, nil, err
 	}
@@ -303,8 +305,27 @@ func startCluster(cfg config, emb *coord.Embedded, srv *grpc.Server, log *slog.L
 	return ca, func() { psrv.Stop(); ca.Close(); store.Close() }, nil
 }
 
-// openStore connects to the coordination store: --etcd-endpoints, else the embedded server.
-func openStore(cfg config, emb *coord.Embedded, log *slog.Logger) (*coord.Etcd, []string, error) {
+// singleHostPrefix is where a single-host agent keeps its pairs in the store: apart from the
+// two-host pairs (coord.DefaultPrefix), which another host's agent runs, and from other
+// single-host agents sharing the store. Without it, the agent inside the store's own host
+// (--etcd-serve) took a two-host pair for one of its own and booted it on the other host's disk.
+func singleHostPrefix(host string) string { return coord.DefaultPrefix + "single/" + host + "/" }
+
+// thisHost is --host, else the machine's host name.
+func thisHost(cfg config) (string, error) {
+	if cfg.Host != "" {
+		return cfg.Host, nil
+	}
+	h, err := os.Hostname()
+	if err != nil {
+		return "", fmt.Errorf("--host: %w", err)
+	}
+	return h, nil
+}
+
+// openStore connects to the coordination store (--etcd-endpoints, else the embedded server),
+// its keys under prefix (coord.DefaultPrefix if empty).
+func openStore(cfg config, emb *coord.Embedded, log *slog.Logger, prefix string) (*coord.Etcd, []string, error) {
 	var endpoints []string
 	for _, e := range strings.Split(cfg.EtcdEndpoints, ",") {
 		if e = strings.TrimSpace(e); e != "" {
@@ -314,7 +335,7 @@ func openStore(cfg config, emb *coord.Embedded, log *slog.Logger) (*coord.Etcd, 
 	if len(endpoints) == 0 && emb != nil {
 		endpoints = emb.Endpoints()
 	}
-	ec := coord.EtcdConfig{Endpoints: endpoints, Log: log}
+	ec := coord.EtcdConfig{Endpoints: endpoints, Log: log, Prefix: prefix}
 	if cfg.EtcdCert != "" || cfg.EtcdKey != "" || cfg.EtcdCA != "" {
 		t, err := coord.TLSConfig(cfg.EtcdCert, cfg.EtcdKey, cfg.EtcdCA)
 		if err != nil {

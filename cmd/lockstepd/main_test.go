@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -12,6 +15,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/lockstepvm/lockstep/coord"
+	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 )
 
 func TestBadUsage(t *testing.T) {
@@ -89,6 +95,69 @@ func TestServeAndStop(t *testing.T) {
 	// A second agent on the same socket is refused.
 	if code := run([]string{"--state-dir", filepath.Join(dir, "s2"), "--listen", "unix://" + sock}); code != 2 {
 		t.Fatalf("second agent: exit %d", code)
+	}
+	syscall.Kill(os.Getpid(), syscall.SIGTERM)
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("exit %d after SIGTERM", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("lockstepd did not stop on SIGTERM")
+	}
+}
+
+// A single-host agent that shares the store with two-host pairs (as the agent inside the
+// store's own host does) never takes one of them for its own: it would boot the VM on another
+// host's disk. Its pairs live under its own prefix.
+func TestSingleHostIgnoresTwoHostPairs(t *testing.T) {
+	dir := t.TempDir()
+	emb, err := coord.StartEmbedded(coord.EmbeddedConfig{Dir: filepath.Join(dir, "etcd")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer emb.Close()
+	cluster, err := coord.NewEtcd(coord.EtcdConfig{Endpoints: emb.Endpoints()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cluster.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	twoHost := []byte(`{"spec":{"name":"db1","memory_mib":128},"sides":[{"host":"10.0.0.1","disk":"/a/disk.raw","agent":"A"},{"host":"10.0.0.2","disk":"/b/disk.raw","agent":"B"}]}`)
+	if err := cluster.CreatePair(ctx, "db1", twoHost); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "api.sock")
+	guard := make(chan os.Signal, 1)
+	signal.Notify(guard, syscall.SIGTERM)
+	defer signal.Stop(guard)
+	done := make(chan int, 1)
+	go func() {
+		done <- run([]string{"--state-dir", filepath.Join(dir, "state"), "--overlay-dir", filepath.Join(dir, "ovl"),
+			"--listen", "unix://" + sock, "--host", "h1", "--etcd-endpoints", strings.Join(emb.Endpoints(), ",")})
+	}()
+	conn, err := grpc.NewClient("unix:"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	var list *pb.ListPairsResponse
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		list, err = pb.NewPairServiceClient(conn).ListPairs(ctx, &pb.ListPairsRequest{})
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("list: %v", err)
+	}
+	if n := len(list.GetPairs()); n != 0 {
+		t.Errorf("the single-host agent runs %d pairs, want none (the store's pair is a two-host one): %v", n, list.GetPairs())
+	}
+	if _, err := os.Stat(filepath.Join(dir, "state", "db1")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the single-host agent made a folder for the two-host pair: %v", err)
 	}
 	syscall.Kill(os.Getpid(), syscall.SIGTERM)
 	select {

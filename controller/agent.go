@@ -6,9 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -331,10 +333,7 @@ func (a *Agent) Get(name string) (Status, error) {
 // List returns every pair's status, by name.
 func (a *Agent) List() []Status {
 	a.mu.Lock()
-	rs := make([]*runner, 0, len(a.pairs))
-	for _, r := range a.pairs {
-		rs = append(rs, r)
-	}
+	rs := slices.Collect(maps.Values(a.pairs))
 	a.mu.Unlock()
 	out := make([]Status, 0, len(rs))
 	for _, r := range rs {

@@ -10,22 +10,12 @@ import (
 	"time"
 
 	"github.com/lockstepvm/lockstep/checkpoint"
-	"github.com/lockstepvm/lockstep/coord"
 )
 
 // A ClusterAgent answers for pairs that run on other hosts from the store, refuses what only
 // their agents can do, and refuses bad pairs, all without QEMU.
 func TestClusterAgentStoreView(t *testing.T) {
-	emb, err := coord.StartEmbedded(coord.EmbeddedConfig{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { emb.Close() })
-	store, err := coord.NewEtcd(coord.EtcdConfig{Endpoints: emb.Endpoints()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { store.Close() })
+	store := embeddedStore(t)
 	a, err := NewClusterAgent(ClusterConfig{Host: "c", PeerAddr: "127.0.0.1:1", StateDir: t.TempDir(), Store: store})
 	if err != nil {
 		t.Fatal(err)

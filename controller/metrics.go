@@ -3,6 +3,8 @@ package controller
 import (
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -49,10 +51,7 @@ func (a *Agent) WriteMetrics(w io.Writer) { writeMetrics(w, a.List(), a.metricsB
 // host runs a side of, as this host sees them.
 func (a *ClusterAgent) WriteMetrics(w io.Writer) {
 	a.mu.Lock()
-	rs := make([]*hostRunner, 0, len(a.runners))
-	for _, r := range a.runners {
-		rs = append(rs, r)
-	}
+	rs := slices.Collect(maps.Values(a.runners))
 	a.mu.Unlock()
 	statuses := make([]Status, 0, len(rs))
 	ms := make(map[string]*pairMetrics, len(rs))

@@ -96,15 +96,7 @@ func TestServeAndStop(t *testing.T) {
 	if code := run([]string{"--state-dir", filepath.Join(dir, "s2"), "--listen", "unix://" + sock}); code != 2 {
 		t.Fatalf("second agent: exit %d", code)
 	}
-	syscall.Kill(os.Getpid(), syscall.SIGTERM)
-	select {
-	case code := <-done:
-		if code != 0 {
-			t.Fatalf("exit %d after SIGTERM", code)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("lockstepd did not stop on SIGTERM")
-	}
+	stopBySIGTERM(t, done)
 }
 
 // A single-host agent that shares the store with two-host pairs (as the agent inside the
@@ -159,6 +151,13 @@ func TestSingleHostIgnoresTwoHostPairs(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "state", "db1")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the single-host agent made a folder for the two-host pair: %v", err)
 	}
+	stopBySIGTERM(t, done)
+}
+
+// stopBySIGTERM stops the in-process agent whose run() result arrives on done, and checks that
+// it exits 0.
+func stopBySIGTERM(t *testing.T, done <-chan int) {
+	t.Helper()
 	syscall.Kill(os.Getpid(), syscall.SIGTERM)
 	select {
 	case code := <-done:

@@ -1039,6 +1039,8 @@ func (r *hostRunner) setParameters(ctx context.Context, t checkpoint.Tunables) e
 		// does not have them.
 		return fmt.Errorf("set parameters: applied to QEMU, but the store did not take them: %w", err)
 	}
-	r.post(ctx, specUpdate{pc: pc})
+	// At once, so that the caller's next read has it; the store's watch brings it here too.
+	r.pcp.Store(&pc)
+	r.setObserverDelay(pc.Spec.Tunables.CheckpointDelay)
 	return nil
 }

@@ -678,7 +678,7 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 		return fail(errors.New("no primary QEMU"))
 	}
 	if !reprotect {
-		if err := settleBoot(ctx, r.log, r.config().Spec, prim); err != nil {
+		if err := settleBoot(ctx, r.log, r.progress, r.config().Spec, prim.Started(), prim.Exited()); err != nil {
 			return fail(err)
 		}
 	}

@@ -423,7 +423,7 @@ func (r *runner) protect(ctx context.Context, a ActProtect) internal {
 		return fail(errors.New("no primary QEMU"))
 	}
 	if !a.Reprotect {
-		if err := settleBoot(ctx, r.log, r.pc.Spec, prim); err != nil {
+		if err := settleBoot(ctx, r.log, r.progress, r.pc.Spec, prim.Started(), prim.Exited()); err != nil {
 			return fail(err)
 		}
 	}

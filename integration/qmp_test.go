@@ -38,6 +38,19 @@ func startNone(t *testing.T, q *qemuenv.QEMU) (*qemuenv.Process, *qmp.Client) {
 		t.Fatalf("QEMU %s: %v\n%s", q.Name, err, p.Stderr.String())
 	}
 	t.Cleanup(func() { c.Close() })
+	// Registered after the kill, so it runs before it (cleanups run last first): a failed test
+	// says whether QEMU had died on its own, and what it printed.
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		select {
+		case <-p.Exited():
+			t.Logf("QEMU %s had exited: %v\n%s", q.Name, p.ExitErr(), p.Stderr.String())
+		default:
+			t.Logf("QEMU %s still running; its stderr:\n%s", q.Name, p.Stderr.String())
+		}
+	})
 	return p, c
 }
 

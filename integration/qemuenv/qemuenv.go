@@ -197,6 +197,12 @@ type Process struct {
 // Exited is closed when the process has exited.
 func (p *Process) Exited() <-chan struct{} { return p.exited }
 
+// ExitErr is how the process ended (nil for exit status 0); valid once Exited is closed.
+func (p *Process) ExitErr() error {
+	<-p.exited
+	return p.waitErr
+}
+
 // Kill sends SIGKILL to the process (by its PID) and waits for it.
 func (p *Process) Kill() {
 	if p.Cmd.Process != nil {

@@ -677,8 +677,9 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 	if prim == nil {
 		return fail(errors.New("no primary QEMU"))
 	}
+	pc := r.config() // one snapshot: tunables may change meanwhile
 	if !reprotect {
-		if err := settleBoot(ctx, r.log, r.progress, r.config().Spec, prim.Started(), prim.Exited()); err != nil {
+		if err := settleBoot(ctx, r.log, r.progress, pc.Spec, prim.Started(), prim.Exited()); err != nil {
 			return fail(err)
 		}
 	}
@@ -697,9 +698,8 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 	if err != nil {
 		return fail(fmt.Errorf("peer %s: %w", r.peerAgent(), err))
 	}
-	spec := PairSpecToProto(r.config())
 	resp, err := pb.NewPeerServiceClient(c).PrepareSecondary(pctx, &pb.PrepareSecondaryRequest{
-		PairName: r.name, Epoch: a.Epoch, Generation: uint64(a.Gen), Spec: spec, PrimaryHost: r.a.cfg.Host,
+		PairName: r.name, Epoch: a.Epoch, Generation: uint64(a.Gen), Spec: PairSpecToProto(pc), PrimaryHost: r.a.cfg.Host,
 		PrimaryAddress: ps.Host, PrimaryQemuVersion: version, ResyncDisk: true,
 		Ports: &pb.ProtectionPorts{Mirror: uint32(ports[0]), Compare: uint32(ports[1])},
 	})
@@ -709,22 +709,15 @@ func (r *hostRunner) protect(ctx context.Context, prim *checkpoint.VM, a ActHPro
 	g := checkpoint.Generation{N: a.Gen, PrimaryHost: ps.Host, SecondaryHost: resp.GetSecondaryAddress(),
 		Ports: checkpoint.Ports{NBD: int(resp.GetPorts().GetNbd()), Mirror: ports[0], Compare: ports[1], CompareIn: ports[2], CompareOut: ports[3]}}
 	migAddr := net.JoinHostPort(resp.GetSecondaryAddress(), fmt.Sprint(resp.GetPorts().GetMigration()))
-	obs := checkpoint.NewObserver(r.config().Spec.Tunables.CheckpointDelay)
+	obs := checkpoint.NewObserver(pc.Spec.Tunables.CheckpointDelay)
 	obs.OnCheckpoint(r.metrics.checkpoint)
 	cfg := checkpoint.ProtectConfig{
-		Spec: r.config().Spec, Gen: g, Primary: prim.QMP, SecondaryVersion: resp.GetSecondaryQemuVersion(),
+		Spec: pc.Spec, Gen: g, Primary: prim.QMP, SecondaryVersion: resp.GetSecondaryQemuVersion(),
 		DialMigration: dialLink(migAddr, obs),
 		OnResync:      r.resync,
 	}
-	seq := checkpoint.StartProtection(cfg)
-	if reprotect {
-		seq = checkpoint.Reprotect(cfg)
-	}
-	sub := prim.QMP.Subscribe(checkpoint.ObserverEvents...)
-	if _, err := seq.Run(ctx, r.log, r.progress); err != nil {
-		sub.Close()
-		obs.Close()
-		abortProtection(r.log, prim.QMP, g, r.progress)
+	sub, err := runProtection(ctx, r.log, r.progress, cfg, obs, reprotect)
+	if err != nil {
 		return fail(err)
 	}
 	r.runObserver(obs, sub)

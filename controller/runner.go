@@ -459,15 +459,8 @@ func (r *runner) protect(ctx context.Context, a ActProtect) internal {
 		AcceptMigration: acceptLink(link),
 		OnResync:        r.resync,
 	}
-	seq := checkpoint.StartProtection(cfg)
-	if a.Reprotect {
-		seq = checkpoint.Reprotect(cfg)
-	}
-	sub := prim.QMP.Subscribe(checkpoint.ObserverEvents...)
-	if _, err := seq.Run(ctx, r.log, r.progress); err != nil {
-		sub.Close()
-		obs.Close()
-		abortProtection(r.log, prim.QMP, g, r.progress)
+	sub, err := runProtection(ctx, r.log, r.progress, cfg, obs, a.Reprotect)
+	if err != nil {
 		sec.Kill()
 		return fail(err)
 	}
@@ -493,6 +486,25 @@ func (r *runner) startObserver(prim *checkpoint.VM, os *observerStart) {
 	}
 	obs.OnCheckpoint(r.metrics.checkpoint)
 	r.runObserver(obs, sub)
+}
+
+// runProtection runs the primary's protection sequence (Reprotect after a takeover, else
+// StartProtection) with obs's subscription to the primary's events opened first, so that no
+// checkpoint goes unseen. On failure it closes both and cleans the primary (abortProtection);
+// on success the caller runs obs over the subscription.
+func runProtection(ctx context.Context, lg *slog.Logger, progress checkpoint.Progress, cfg checkpoint.ProtectConfig, obs *checkpoint.Observer, reprotect bool) (*qmp.Subscription, error) {
+	seq := checkpoint.StartProtection(cfg)
+	if reprotect {
+		seq = checkpoint.Reprotect(cfg)
+	}
+	sub := cfg.Primary.Subscribe(checkpoint.ObserverEvents...)
+	if _, err := seq.Run(ctx, lg, progress); err != nil {
+		sub.Close()
+		obs.Close()
+		abortProtection(lg, cfg.Primary, cfg.Gen, progress)
+		return nil, err
+	}
+	return sub, nil
 }
 
 // abortProtection cleans a primary after a failed protection, so that the next attempt can

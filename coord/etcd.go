@@ -168,38 +168,34 @@ func fail(op string, err error) error {
 
 // CreatePair stores a new pair spec; ErrExists if the name is taken.
 func (s *Etcd) CreatePair(ctx context.Context, name string, value []byte) error {
-	if err := checkName("pair", name); err != nil {
-		return err
-	}
-	k := s.pairKey(name)
-	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(k), "=", 0)).
-		Then(clientv3.OpPut(k, string(value))).
-		Commit()
-	if err != nil {
-		return fail("create pair "+name, err)
-	}
-	if !resp.Succeeded {
-		return fmt.Errorf("coord: create pair %s: %w", name, ErrExists)
-	}
-	return nil
+	return s.putPair(ctx, name, value, false)
 }
 
 // UpdatePair replaces a pair spec; ErrNotFound if absent.
 func (s *Etcd) UpdatePair(ctx context.Context, name string, value []byte) error {
+	return s.putPair(ctx, name, value, true)
+}
+
+// putPair writes a pair spec in one transaction, only if the pair exists (update) or only if
+// it does not (create).
+func (s *Etcd) putPair(ctx context.Context, name string, value []byte, update bool) error {
 	if err := checkName("pair", name); err != nil {
 		return err
 	}
+	op, cmp, refused := "create pair "+name, "=", ErrExists
+	if update {
+		op, cmp, refused = "update pair "+name, ">", ErrNotFound
+	}
 	k := s.pairKey(name)
 	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(k), ">", 0)).
+		If(clientv3.Compare(clientv3.CreateRevision(k), cmp, 0)).
 		Then(clientv3.OpPut(k, string(value))).
 		Commit()
 	if err != nil {
-		return fail("update pair "+name, err)
+		return fail(op, err)
 	}
 	if !resp.Succeeded {
-		return fmt.Errorf("coord: update pair %s: %w", name, ErrNotFound)
+		return fmt.Errorf("coord: %s: %w", op, refused)
 	}
 	return nil
 }

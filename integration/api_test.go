@@ -64,15 +64,27 @@ type daemon struct {
 	metrics string
 	log     *qemuenv.SyncBuffer
 	done    chan struct{}
+	// group: kill the whole process group (two-host agents, whose QEMUs die with them anyway);
+	// otherwise only the agent, whose QEMUs live on to be adopted.
+	group bool
 }
 
 func startDaemon(t *testing.T, bin, stateDir, overlayDir, sock, metrics string) *daemon {
 	t.Helper()
 	cmd := exec.Command(filepath.Join(bin, "lockstepd"), "--state-dir", stateDir, "--overlay-dir", overlayDir,
 		"--listen", "unix://"+sock, "--metrics-listen", metrics, "--log-level", "info")
-	d := &daemon{cmd: cmd, sock: sock, metrics: metrics, log: &qemuenv.SyncBuffer{}, done: make(chan struct{})}
-	cmd.Stdout, cmd.Stderr = d.log, d.log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	d := launchDaemon(t, cmd, sock, "lockstepd", false)
+	d.metrics = metrics
+	return d
+}
+
+// launchDaemon starts cmd, a lockstepd serving its API on sock, waits until it listens, and
+// kills it when the test ends, printing its log (as name) if the test failed.
+func launchDaemon(t *testing.T, cmd *exec.Cmd, sock, name string, group bool) *daemon {
+	t.Helper()
+	d := &daemon{cmd: cmd, sock: sock, log: &qemuenv.SyncBuffer{}, done: make(chan struct{}), group: group}
+	cmd.Stdout, cmd.Stderr = d.log, d.log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -80,10 +92,10 @@ func startDaemon(t *testing.T, bin, stateDir, overlayDir, sock, metrics string) 
 	t.Cleanup(func() {
 		d.kill()
 		if t.Failed() {
-			t.Logf("lockstepd log:\n%s", d.log.String())
+			t.Logf("%s log:\n%s", name, d.log.String())
 		}
 	})
-	deadline := time.Now().Add(20 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		if c, err := net.Dial("unix", sock); err == nil {
 			c.Close()
@@ -91,18 +103,22 @@ func startDaemon(t *testing.T, bin, stateDir, overlayDir, sock, metrics string) 
 		}
 		select {
 		case <-d.done:
-			t.Fatalf("lockstepd exited at start:\n%s", d.log.String())
+			t.Fatalf("%s exited at start:\n%s", name, d.log.String())
 		case <-time.After(20 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("lockstepd did not listen:\n%s", d.log.String())
+			t.Fatalf("%s did not listen:\n%s", name, d.log.String())
 		}
 	}
 }
 
-// kill sends SIGKILL to the daemon (by its PID) and waits; its QEMUs live on.
+// kill sends SIGKILL to the daemon (by its PID, or its process group's) and waits.
 func (d *daemon) kill() {
-	_ = d.cmd.Process.Signal(syscall.SIGKILL)
+	pid := d.cmd.Process.Pid
+	if d.group {
+		pid = -pid
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
 	<-d.done
 }
 

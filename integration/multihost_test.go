@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -35,25 +34,12 @@ type cluster struct {
 	lab     *netlab.Lab
 	dir     string
 	bin     string
-	agents  map[string]*nsDaemon
-	etcd    *nsDaemon
+	agents  map[string]*daemon
+	etcd    *daemon
 	etcdURL string
 }
 
-// nsDaemon is a lockstepd started by the test inside a node's namespace.
-type nsDaemon struct {
-	cmd  *exec.Cmd
-	sock string
-	log  *qemuenv.SyncBuffer
-	done chan struct{}
-}
-
-func (d *nsDaemon) kill() {
-	_ = syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
-	<-d.done
-}
-
-func (c *cluster) start(node *netlab.Node, args ...string) *nsDaemon {
+func (c *cluster) start(node *netlab.Node, args ...string) *daemon {
 	t := c.t
 	dir := filepath.Join(c.dir, node.Name())
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -63,39 +49,14 @@ func (c *cluster) start(node *netlab.Node, args ...string) *nsDaemon {
 	args = append([]string{"--state-dir", filepath.Join(dir, "state"), "--overlay-dir", filepath.Join(dir, "overlays"),
 		"--listen", "unix://" + sock, "--log-level", "info"}, args...)
 	cmd := node.Command(context.Background(), filepath.Join(c.bin, "lockstepd"), args...)
-	d := &nsDaemon{cmd: cmd, sock: sock, log: &qemuenv.SyncBuffer{}, done: make(chan struct{})}
-	cmd.Stdout, cmd.Stderr = d.log, d.log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = cmd.Wait(); close(d.done) }()
-	t.Cleanup(func() {
-		d.kill()
-		if t.Failed() {
-			t.Logf("lockstepd on %s:\n%s", node.Name(), d.log.String())
-		}
-	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, err := os.Stat(sock); err == nil {
-			return d
-		}
-		select {
-		case <-d.done:
-			t.Fatalf("lockstepd on %s exited at start:\n%s", node.Name(), d.log.String())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("lockstepd on %s did not listen:\n%s", node.Name(), d.log.String())
-		}
-	}
+	return launchDaemon(t, cmd, sock, "lockstepd on "+node.Name(), true)
 }
 
 func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
 	q := qemuenv.QEMU11(t)
 	kernel, initrd := guestImages(t)
 	lab := netlab.New(t, netlab.Options{})
-	c := &cluster{t: t, lab: lab, dir: qemuenv.ShortTempDir(t), bin: binaries(t), agents: map[string]*nsDaemon{}}
+	c := &cluster{t: t, lab: lab, dir: qemuenv.ShortTempDir(t), bin: binaries(t), agents: map[string]*daemon{}}
 	t.Cleanup(func() {
 		// The agents leave their QEMUs running by design: kill them by the PIDs the agents wrote.
 		for _, h := range []string{"A", "B"} {
@@ -200,18 +161,8 @@ func (c *cluster) qemuPID(host string) int {
 // nothing it saw acknowledged is lost.
 func TestTwoHostsQEMUCrashFastPath(t *testing.T) {
 	c, spec := newCluster(t)
-	api := dialAPI(t, c.agents["A"].sock)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	if _, err := api.CreatePair(ctx, &pb.CreatePairRequest{Spec: spec}); err != nil {
-		t.Fatalf("create: %v", err)
-	}
-	cl := c.connect()
-	w := startWriterOn(t, cl, 20*time.Millisecond)
-	st := c.waitOn("A", pb.PairState_PAIR_STATE_PROTECTED, 3*time.Minute)
+	w, st := c.protectWithWriter(spec)
 	t.Logf("protected: epoch %d generation %d", st.GetEpoch(), st.GetGeneration())
-	c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 30*time.Second)
-	w.waitAcked(t, w.Acked()+25, 30*time.Second)
 
 	pid := c.qemuPID("A")
 	kill := time.Now()

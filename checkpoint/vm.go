@@ -29,9 +29,12 @@ type VM struct {
 	proc   *os.Process
 	exited chan struct{}
 	err    error
-	// stopWatch ends the exit watcher of an adopted VM (which is not our child).
+	// stopWatch ends the exit watcher of an attached VM (which is not our child).
 	stopWatch chan struct{}
 	started   time.Time
+	// kill, when set, replaces SIGKILL by PID (a backend that must stop the process its own way,
+	// such as a libvirt domain's destroy); it returns once the process is gone.
+	kill func()
 }
 
 // Started is when the QEMU process started: when Launch started it, or for an adopted QEMU
@@ -87,9 +90,14 @@ func (v *VM) ExitErr() error {
 	return v.err
 }
 
-// Kill sends SIGKILL to QEMU (by its PID), waits for it and closes the QMP connection.
+// Kill stops QEMU at once (SIGKILL by its PID, or the backend's own way), waits for it and
+// closes the QMP connection.
 func (v *VM) Kill() {
-	_ = v.proc.Signal(syscall.SIGKILL)
+	if v.kill != nil {
+		v.kill()
+	} else {
+		_ = v.proc.Signal(syscall.SIGKILL)
+	}
 	<-v.exited
 	if v.QMP != nil {
 		v.QMP.Close()
@@ -115,35 +123,38 @@ func (v *VM) Release() {
 // Signal sends sig to the QEMU process.
 func (v *VM) Signal(sig syscall.Signal) error { return v.proc.Signal(sig) }
 
-// Adopt takes over a QEMU that runs already (started by an earlier agent): it connects to the
-// QMP socket in side.RunDir and watches the process pid, which is not a child of this process,
-// through a pidfd.
-func Adopt(ctx context.Context, role Role, side Side, pid int, lg *slog.Logger) (*VM, error) {
-	if lg == nil {
-		lg = slog.New(slog.DiscardHandler)
-	}
-	pidfd, err := unix.PidfdOpen(pid, 0)
+// AttachConfig describes a QEMU process this process did not start (or no longer waits for):
+// an adopted one, or one a backend such as libvirt started.
+type AttachConfig struct {
+	Role Role
+	Side Side
+	PID  int
+	// QMP is the connection to the QEMU's monitor; Attach takes ownership of it.
+	QMP *qmp.Client
+	// Kill, when set, stops the process instead of SIGKILL by PID and returns once it is gone.
+	Kill func()
+}
+
+// Attach returns the VM of a running QEMU that is not this process's child: its exit is watched
+// through a pidfd, and its start time is read from /proc.
+func Attach(c AttachConfig) (*VM, error) {
+	pidfd, err := unix.PidfdOpen(c.PID, 0)
 	if err != nil {
-		return nil, fmt.Errorf("adopting QEMU pid %d: %w", pid, err)
+		return nil, fmt.Errorf("attaching to QEMU pid %d: %w", c.PID, err)
 	}
-	q, err := qmp.Dial(ctx, "unix", QMPSocket(side.RunDir), qmp.WithLogger(lg))
-	if err != nil {
-		unix.Close(pidfd)
-		return nil, fmt.Errorf("adopting QEMU pid %d: %w", pid, err)
-	}
-	proc, _ := os.FindProcess(pid)
-	started, err := processStart(pid)
+	proc, _ := os.FindProcess(c.PID)
+	started, err := processStart(c.PID)
 	if err != nil {
 		started = time.Now()
 	}
-	vm := &VM{Role: role, Side: side, QMP: q, proc: proc, exited: make(chan struct{}), stopWatch: make(chan struct{}), started: started}
+	vm := &VM{Role: c.Role, Side: c.Side, QMP: c.QMP, proc: proc, exited: make(chan struct{}), stopWatch: make(chan struct{}), started: started, kill: c.Kill}
 	go func() { // owned by the VM: ends at the process's exit or at Release
 		defer unix.Close(pidfd)
 		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
 		for {
 			n, err := unix.Poll(fds, 200)
 			if n > 0 || (err != nil && err != unix.EINTR) {
-				vm.err = errors.New("exited (adopted process)")
+				vm.err = errors.New("exited (not a child of this process)")
 				close(vm.exited)
 				return
 			}
@@ -154,6 +165,28 @@ func Adopt(ctx context.Context, role Role, side Side, pid int, lg *slog.Logger) 
 			}
 		}
 	}()
+	return vm, nil
+}
+
+// Adopt takes over a QEMU that runs already (started by an earlier agent): it connects to the
+// QMP socket in side.RunDir and watches the process pid, which is not a child of this process,
+// through a pidfd.
+func Adopt(ctx context.Context, role Role, side Side, pid int, lg *slog.Logger) (*VM, error) {
+	if lg == nil {
+		lg = slog.New(slog.DiscardHandler)
+	}
+	if err := unix.Kill(pid, 0); err != nil {
+		return nil, fmt.Errorf("adopting QEMU pid %d: %w: %w", pid, ErrNotRunning, err)
+	}
+	q, err := qmp.Dial(ctx, "unix", QMPSocket(side.RunDir), qmp.WithLogger(lg))
+	if err != nil {
+		return nil, fmt.Errorf("adopting QEMU pid %d: %w", pid, err)
+	}
+	vm, err := Attach(AttachConfig{Role: role, Side: side, PID: pid, QMP: q})
+	if err != nil {
+		q.Close()
+		return nil, err
+	}
 	return vm, nil
 }
 

@@ -117,3 +117,9 @@ func (a *Agent) metricsByPair() map[string]*pairMetrics {
 	}
 	return out
 }
+
+// MetricFamilies lists the metric families lockstepd exports (the names dashboards and alert
+// rules may use; histograms also export their _bucket, _sum and _count series).
+func MetricFamilies() []string {
+	return []string{"lockstep_pair_state", "lockstep_failovers_total", "lockstep_checkpoints_total", "lockstep_checkpoint_pause_seconds"}
+}

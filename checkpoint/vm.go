@@ -343,3 +343,12 @@ func DetectVersion(ctx context.Context, qemu []string) (Version, error) {
 	min, _ := strconv.Atoi(string(m[2]))
 	return Version{Major: maj, Minor: min}, nil
 }
+
+// Version returns the QEMU version its QMP greeting announced ("11.1.3").
+func (v *VM) Version() string {
+	if v.QMP == nil {
+		return ""
+	}
+	q := v.QMP.Greeting().Version.QEMU
+	return fmt.Sprintf("%d.%d.%d", q.Major, q.Minor, q.Micro)
+}

@@ -16,25 +16,11 @@ import (
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 )
 
-// PairAgent is what PairServer serves: the single-host Agent, or the ClusterAgent of a host
-// whose pairs span two hosts.
-type PairAgent interface {
-	Create(pc PairConfig) (Status, error)
-	Get(name string) (Status, error)
-	Config(name string) (PairConfig, error)
-	List() []Status
-	Delete(name string) error
-	Failover(name string, forced bool) error
-	Reprotect(name string) error
-	SetParameters(ctx context.Context, name string, t checkpoint.Tunables) error
-	Watch(ctx context.Context, name string) (<-chan Event2, error)
-}
-
-// PairServer is the gRPC adapter of PairService over a PairAgent: it converts requests, calls
+// PairServer is the gRPC adapter of PairService over an Agent: it converts requests, calls
 // the agent and converts errors to codes at the edge. No policy lives here.
 type PairServer struct {
 	pb.UnimplementedPairServiceServer
-	Agent PairAgent
+	Agent *Agent
 }
 
 // toGRPC maps the agent's errors to gRPC codes.
@@ -166,7 +152,7 @@ func PairConfigFromProto(s *pb.PairSpec) (PairConfig, error) {
 		}
 		pc.Sides[i] = SideConfig{Host: host, Disk: pl.GetDiskPath(), NetSocket: pl.GetNetSocket()}
 		if pl.GetAddress() != "" && pl.GetHost() != "" && pl.GetHost() != pl.GetAddress() {
-			pc.Sides[i].Agent = pl.GetHost() // two hosts: host names the agent, address its data address
+			pc.Sides[i].Agent = pl.GetHost() // host names the agent, address its data address
 		}
 	}
 	pc.NoAutoReprotect = !s.AutoReprotectEnabled()
@@ -273,22 +259,18 @@ func StatusToProto(s Status, pc PairConfig) *pb.PairStatus {
 		Generation: uint64(s.Generation), CheckpointStats: statsToProto(s.Checkpoints),
 		Resync:       &pb.ResyncProgress{Offset: uint64(max(s.ResyncOffset, 0)), Length: uint64(max(s.ResyncLength, 0))},
 		LastFailover: failoverToProto(s.LastFailover, pc), CurrentStep: stepToProto(s.Step),
-		Tunables: tunablesToProto(pc.Spec.Tunables), StoreReachable: true,
-		Peer: &pb.PeerStatus{Reachable: true}, Epoch: s.Epoch,
+		Tunables: tunablesToProto(pc.Spec.Tunables), StoreReachable: s.StoreReachable,
+		Peer: &pb.PeerStatus{Reachable: s.PeerReachable}, Epoch: s.Epoch,
 	}
-	if s.Cluster {
-		out.StoreReachable = s.StoreReachable
-		out.Peer = &pb.PeerStatus{Reachable: s.PeerReachable}
-		if !s.LastHeartbeat.IsZero() {
-			out.Peer.LastHeartbeatTime = timestamppb.New(s.LastHeartbeat)
-		}
+	if !s.LastHeartbeat.IsZero() {
+		out.Peer.LastHeartbeatTime = timestamppb.New(s.LastHeartbeat)
 	}
 	if !s.Changed.IsZero() {
 		out.StateChangeTime = timestamppb.New(s.Changed)
 	}
 	p, q := s.PrimarySide, s.PrimarySide.Other()
-	out.Primary = &pb.SideStatus{Running: s.ColoMode[p] != "", ColoMode: coloMode(s.ColoMode[p]), QemuVersion: s.QEMUVersion}
-	out.Secondary = &pb.SideStatus{Running: s.ColoMode[q] != "", ColoMode: coloMode(s.ColoMode[q]), QemuVersion: s.QEMUVersion}
+	out.Primary = &pb.SideStatus{Running: s.ColoMode[p] != "", ColoMode: coloMode(s.ColoMode[p]), QemuVersion: s.QEMUVersion[p]}
+	out.Secondary = &pb.SideStatus{Running: s.ColoMode[q] != "", ColoMode: coloMode(s.ColoMode[q]), QemuVersion: s.QEMUVersion[q]}
 	return out
 }
 
@@ -387,29 +369,17 @@ func (s *PairServer) Failover(ctx context.Context, req *pb.FailoverRequest) (*pb
 	default:
 		return nil, status.Error(codes.InvalidArgument, "mode: want PLANNED or FORCED")
 	}
-	before, err := s.Agent.Get(req.GetName())
+	fctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	rec, err := s.Agent.Failover(fctx, req.GetName(), forced, req.GetReason())
 	if err != nil {
 		return nil, toGRPC(err)
 	}
-	if err := s.Agent.Failover(req.GetName(), forced); err != nil {
+	p, err := s.pair(req.GetName())
+	if err != nil {
 		return nil, toGRPC(err)
 	}
-	// Wait for the failover's end: the state leaves failing-over.
-	for {
-		st, err := s.Agent.Get(req.GetName())
-		if err != nil {
-			return nil, toGRPC(err)
-		}
-		if st.State != StateFailingOver && st.Failovers > before.Failovers {
-			pc, _ := s.Agent.Config(req.GetName())
-			return &pb.FailoverResponse{Failover: failoverToProto(st.LastFailover, pc), Status: StatusToProto(st, pc)}, nil
-		}
-		select {
-		case <-ctx.Done():
-			return nil, toGRPC(ctx.Err())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	return &pb.FailoverResponse{Failover: failoverToProto(rec, PairConfig{}), Status: p.Status}, nil
 }
 
 // Reprotect protects a degraded pair now.
@@ -450,4 +420,29 @@ func (s *PairServer) SetParameters(ctx context.Context, req *pb.SetParametersReq
 		return nil, toGRPC(err)
 	}
 	return &pb.SetParametersResponse{Tunables: tunablesToProto(pc.Spec.Tunables)}, nil
+}
+
+// mergeTunables applies the run-time changes in t (its non-zero fields) to spec; the compare
+// timeout cannot change at run time.
+func mergeTunables(spec checkpoint.Spec, t checkpoint.Tunables) (checkpoint.Spec, error) {
+	if t.CheckpointDelay != 0 {
+		spec.Tunables.CheckpointDelay = t.CheckpointDelay
+	}
+	if t.MaxBandwidth != 0 {
+		spec.Tunables.MaxBandwidth = t.MaxBandwidth
+	}
+	if t.CompareTimeout != 0 {
+		return spec, &checkpoint.FieldError{Field: "compare_timeout", Reason: "takes effect at the next protection only; not changeable at run time"}
+	}
+	if err := spec.Validate(); err != nil {
+		return spec, err
+	}
+	return spec, nil
+}
+
+// applyTunables sets the run-time tunables of spec on a protected primary's QEMU.
+func applyTunables(ctx context.Context, vm *checkpoint.VM, spec checkpoint.Spec) error {
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return checkpoint.SetRunTimeTunables(cctx, vm, spec)
 }

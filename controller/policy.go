@@ -1,413 +1,1135 @@
-// Package controller is the agent: the pair state machine (pure: events in, actions out), the
-// loop that runs its actions on QEMU, and the adapters that serve it.
 package controller
 
 import (
-	"errors"
 	"fmt"
-	"time"
 )
 
-// State is the state of a protected pair.
-type State string
+// This file is the policy of one side of a pair (DESIGN.md, principle 2: never two primaries).
+// It is pure: events in, actions out, logical time in ticks; no I/O, no clock, no goroutines,
+// and its state changes only inside Step. Each side of each pair has one, run by the runner of
+// the agent whose host the side's placement names; the two sides talk through the peer link
+// (heartbeats, prepare, tear-down, hand-over), and both talk to the coordination store, which
+// holds the pair's primary lease and primary record.
+//
+// Why a QEMU may outlive its agent (read against QEMU 11.1's migration/colo.c and
+// net/colo-compare.c; the agent's notes in DESIGN.md give the code):
+//   - A primary in COLO sends its guest's IPv4 output through colo-compare, which releases a
+//     packet only when the secondary produced the same packet, or at the end of a checkpoint
+//     the secondary completed. Without its secondary (dead, unreachable, or failed over), a
+//     COLO primary releases no IPv4 packet, whatever its agent does or does not do.
+//   - A secondary in COLO sends its guest's output only to the primary's colo-compare, and
+//     never fails over by itself: only x-colo-lost-heartbeat, which only an agent issues, takes
+//     it out of COLO.
+//   - So the lease has to guard only the decisions that take a side out of COLO (failover as
+//     primary: ActGoAlone; failover as secondary: ActTakeOver), each a store transaction under
+//     the lease's epoch (the primary record is written first, or nothing happens), and a
+//     primary's running alone (it freezes when it cannot renew). A QEMU left in COLO by a dead
+//     agent stays harmless; a primary left running alone by a dead agent is the only copy of
+//     the VM, and the record (Colo false) keeps the peer from ever taking over from it.
+//   - The case that breaks the first point: colo-compare passes frames it does not compare
+//     (everything but IPv4: ARP, IPv6) straight out. A COLO primary whose agent is gone can
+//     release such frames until its QEMU stops trying to checkpoint. The peer therefore takes
+//     over from such a primary only once the migration link has gone quiet or closed (its QEMU
+//     receives no checkpoints), and a primary whose agent lives freezes before its lease can
+//     lapse, as before.
+//
+// The rules it keeps:
+//   - A side takes a decision that takes it out of COLO only under the lease, after the store
+//     wrote the primary record of that decision (ActTakeOver, ActGoAlone carry it).
+//   - A primary releases output alone only while it holds the lease: one whose last
+//     acknowledged renewal was sent LeaseTTL-FenceMargin ticks ago freezes its QEMU (SIGSTOP)
+//     unless its secondary confirmed, in a heartbeat whose request was sent less than
+//     HeartbeatTimeout-FenceMargin ticks ago, that it cannot reach the store either and is
+//     still in COLO with it. A COLO primary whose migration link is active needs neither: its
+//     secondary does not take over while checkpoints arrive. Once its link goes quiet or
+//     closes, it freezes by the same rule (that stops the frames colo-compare does not hold).
+//   - A secondary never confirms while it reaches the store, and takes over no sooner than
+//     HeartbeatTimeout ticks after the last confirmation it gave.
+//   - A secondary takes over only after the store granted it the lease, only if the record says
+//     its primary was in COLO with it, and never on the loss of agent heartbeats alone while
+//     its own QEMU still receives checkpoints (the migration link is active).
+//   - A primary whose own QEMU died hands the lease over at once (fast path); a dead host's
+//     lease expires (slow path).
+//   - A frozen primary resumes only if it gets the lease back and the record says nobody ran
+//     the VM since; otherwise its VM is stale and is killed.
+//   - Time comes from ticks. A tick that reports missed ticks (the agent was frozen, or its
+//     clock jumped) advances time by all of them, so that lease deadlines pass as they did in
+//     the store, and no decision is taken until the store has answered a request sent after
+//     the jump.
 
-// Pair states.
-const (
-	StateStopped      State = "stopped"      // no QEMU runs
-	StateStarting     State = "starting"     // the primary boots
-	StateProtecting   State = "protecting"   // a secondary joins: resync, then COLO
-	StateProtected    State = "protected"    // both in COLO
-	StateDegraded     State = "degraded"     // the VM runs unprotected
-	StateFailingOver  State = "failing-over" // a failover sequence runs
-	StateReprotecting State = "reprotecting" // a fresh secondary joins a survivor
-	StateFailed       State = "failed"       // the VM is lost or needs the operator
-)
-
-// Side names one of the pair's two slots (two hosts, or two halves of one host). Roles move
-// between sides at failovers.
-type Side int
-
-// The two sides.
-const (
-	SideA Side = iota
-	SideB
-)
-
-// Other returns the other side.
-func (s Side) Other() Side { return 1 - s }
-
-func (s Side) String() string {
-	if s == SideA {
-		return "a"
-	}
-	return "b"
+// PeerView is what a heartbeat tells of the other side.
+type PeerView struct {
+	Role  Role
+	Epoch uint64
+	Gen   int
+	// Colo: the side's QEMU is in COLO (as primary or secondary) of generation Gen.
+	Colo bool
+	// Fenced: the side is a primary whose QEMU is frozen.
+	Fenced bool
+	// StoreOK: the side reaches the coordination store.
+	StoreOK bool
+	// Confirm: the side confirms, as a secondary that cannot reach the store, that the
+	// receiver may run on without renewing its lease.
+	Confirm bool
 }
 
-// SignalKind is a failure signal about one side's QEMU, as checkpoint.Watch reports them.
-type SignalKind string
+// LeaseHolder names who holds a pair's lease. Epoch 0: nobody.
+type LeaseHolder struct {
+	Holder string
+	Epoch  uint64
+}
 
-// Failure signals the policy acts on.
+// PrimaryRecord is what the last side to release guest output wrote in the store before it
+// did: who, under which lease epoch, and whether its output then went through COLO with the
+// secondary of generation Gen. A secondary takes over only if the record says its primary was
+// in COLO with it (else the primary released output alone and the secondary's copy is stale);
+// a frozen primary resumes only if the record is still its own.
+type PrimaryRecord struct {
+	Holder string
+	Epoch  uint64
+	Gen    int
+	Colo   bool
+}
+
+// LinkState is what the agent reads off its own copy of the migration connection of its
+// side's QEMU: whether the QEMUs still exchange checkpoints.
+type LinkState int
+
+// Link states.
 const (
-	SigExited          SignalKind = "exited"          // the QEMU process ended
-	SigQMPLost         SignalKind = "qmp-lost"        // its QMP connection closed
-	SigQMPTimeout      SignalKind = "qmp-timeout"     // it stopped answering (hung)
-	SigColoExitError   SignalKind = "colo-exit-error" // COLO ended with reason error
-	SigMigrationFailed SignalKind = "migration-failed"
+	// LinkUnknown: the agent has no copy of the connection (none exists, or it was lost with an
+	// earlier agent).
+	LinkUnknown LinkState = iota
+	// LinkActive: data arrived within the checkpoint interval and its margin.
+	LinkActive
+	// LinkQuiet: the connection is open but nothing arrived for longer than that.
+	LinkQuiet
+	// LinkClosed: the peer's end closed or reset the connection.
+	LinkClosed
+)
+
+func (l LinkState) String() string {
+	return [...]string{"unknown", "active", "quiet", "closed"}[l]
+}
+
+// HandOverKind says why a primary asks its peer to take over.
+type HandOverKind int
+
+// Hand-over kinds.
+const (
+	HandOverFailed  HandOverKind = iota // the primary's QEMU died or hangs
+	HandOverPlanned                     // an operator's planned switchover (or a drain)
+	HandOverForced                      // an operator's forced failover
+)
+
+// Events of the policy.
+type (
+	// Tick advances logical time by N ticks (1 normally; more when ticks were missed) and
+	// brings what the runner read off the migration link.
+	Tick struct {
+		N    int
+		Link LinkState
+	}
+	// Start asks the preferred primary to run the pair.
+	Start struct{}
+	// Stop asks to stop this side (the pair is stopped or deleted).
+	Stop struct{}
+	// FailoverRequest is an operator's request of the primary: a planned switchover (its held
+	// output flushed first) or a forced failover (its QEMU killed at once).
+	FailoverRequest struct {
+		Forced bool
+		Reason string
+	}
+	// ReprotectRequest is an operator's request to protect a primary that runs alone now.
+	ReprotectRequest struct{}
+	// LeaseAcquired: the store granted us the lease. Prev is the primary record found.
+	LeaseAcquired struct {
+		Epoch  uint64
+		SentAt int
+		Prev   PrimaryRecord
+	}
+	// LeaseHeld: an acquisition sent at SentAt was refused, the lease is Holder's.
+	LeaseHeld struct {
+		Holder LeaseHolder
+		SentAt int
+	}
+	// LeaseRenewed: a renewal sent at SentAt was acknowledged.
+	LeaseRenewed struct{ SentAt int }
+	// LeaseLost: the store says our lease is gone.
+	LeaseLost struct{}
+	// StoreDown: a store request failed for want of the store.
+	StoreDown struct{}
+	// StoreOK: a store probe sent at SentAt answered; Holder holds the lease now.
+	StoreOK struct {
+		Holder LeaseHolder
+		SentAt int
+	}
+	// PeerReply: a heartbeat we sent at SentAt was answered.
+	PeerReply struct {
+		SentAt int
+		View   PeerView
+	}
+	// PeerRequest: the peer's heartbeat arrived; the reply carries our view (Policy.Reply).
+	PeerRequest struct{ View PeerView }
+	// LocalFailed: our QEMU died or hangs (and is killed).
+	LocalFailed struct{ Why string }
+	// ColoLost: our QEMU left COLO by itself (COLO_EXIT with an error, or a failed
+	// migration): its peer's QEMU or the link between them is gone.
+	ColoLost struct{ Why string }
+	// HandOverRequest: the peer asks us to take over (its primary died, or a switchover).
+	HandOverRequest struct {
+		Epoch uint64
+		Kind  HandOverKind
+		Why   string
+	}
+	// Booted, BootFailed: the end of ActBoot.
+	Booted     struct{}
+	BootFailed struct{ Err string }
+	// Protected, ProtectFailed: the end of ActProtect.
+	Protected     struct{ Gen int }
+	ProtectFailed struct {
+		Gen int
+		Err string
+	}
+	// PrepareRequest: the peer (a primary of epoch Epoch) asks for a secondary of generation Gen.
+	PrepareRequest struct {
+		Gen   int
+		Epoch uint64
+	}
+	// Prepared, PrepareFailed: the end of ActStartSecondary.
+	Prepared      struct{ Gen int }
+	PrepareFailed struct {
+		Gen int
+		Err string
+	}
+	// TearDownRequest: the peer asks us to drop the secondary of generation Gen.
+	TearDownRequest struct{ Gen int }
+	// TakeoverDone, TakeoverFailed: the end of ActTakeOver. StoreDown: the primary record
+	// could not be written (the store is unreachable, or the lease is gone), nothing was
+	// changed, and the lease is released.
+	TakeoverDone   struct{}
+	TakeoverFailed struct {
+		Err       string
+		StoreDown bool
+	}
+	// AloneDone, AloneFailed: the end of ActGoAlone. StoreDown: the primary record could not
+	// be written first, so the primary stays in COLO (its output held) and tries again.
+	AloneDone   struct{}
+	AloneFailed struct {
+		Err       string
+		StoreDown bool
+	}
+	// Marked: the primary record of an ActMark was written.
+	Marked struct{ Rec PrimaryRecord }
 )
 
 // Event is an input of the policy.
 type Event interface{ isEvent() }
 
-type (
-	// EvStart asks to run the pair: boot a primary on Side A, then protect it.
-	EvStart struct{}
-	// EvBooted reports that the primary QEMU runs and answers QMP.
-	EvBooted struct{ Side Side }
-	// EvBootFailed reports that the primary could not be started.
-	EvBootFailed struct{ Err string }
-	// EvProtected reports that a protect or reprotect sequence reached COLO.
-	EvProtected struct{ Gen int }
-	// EvProtectFailed reports that a protect or reprotect sequence failed.
-	EvProtectFailed struct {
-		Gen int
-		Err string
-	}
-	// EvSignal is a failure signal about one side.
-	EvSignal struct {
-		Side Side
-		Kind SignalKind
-	}
-	// EvFailoverDone reports that a failover sequence finished: Survivor runs alone.
-	EvFailoverDone struct{ Survivor Side }
-	// EvFailoverFailed reports that a failover sequence failed on the survivor.
-	EvFailoverFailed struct {
-		Survivor Side
-		Err      string
-	}
-	// EvTick advances logical time by one tick.
-	EvTick struct{}
-	// EvFailover is an operator's request: a planned switchover, or a forced failover.
-	EvFailover struct{ Forced bool }
-	// EvReprotect is an operator's request to protect a degraded pair now.
-	EvReprotect struct{}
-	// EvStop is an operator's request to stop the pair (its VM included).
-	EvStop struct{}
-)
+func (Tick) isEvent()             {}
+func (Start) isEvent()            {}
+func (Stop) isEvent()             {}
+func (FailoverRequest) isEvent()  {}
+func (ReprotectRequest) isEvent() {}
+func (LeaseAcquired) isEvent()    {}
+func (LeaseHeld) isEvent()        {}
+func (LeaseRenewed) isEvent()     {}
+func (LeaseLost) isEvent()        {}
+func (StoreDown) isEvent()        {}
+func (StoreOK) isEvent()          {}
+func (PeerReply) isEvent()        {}
+func (PeerRequest) isEvent()      {}
+func (LocalFailed) isEvent()      {}
+func (ColoLost) isEvent()         {}
+func (HandOverRequest) isEvent()  {}
+func (Booted) isEvent()           {}
+func (BootFailed) isEvent()       {}
+func (Protected) isEvent()        {}
+func (ProtectFailed) isEvent()    {}
+func (PrepareRequest) isEvent()   {}
+func (Prepared) isEvent()         {}
+func (PrepareFailed) isEvent()    {}
+func (TearDownRequest) isEvent()  {}
+func (TakeoverDone) isEvent()     {}
+func (TakeoverFailed) isEvent()   {}
+func (AloneDone) isEvent()        {}
+func (AloneFailed) isEvent()      {}
+func (Marked) isEvent()           {}
 
-func (EvStart) isEvent()          {}
-func (EvBooted) isEvent()         {}
-func (EvBootFailed) isEvent()     {}
-func (EvProtected) isEvent()      {}
-func (EvProtectFailed) isEvent()  {}
-func (EvSignal) isEvent()         {}
-func (EvFailoverDone) isEvent()   {}
-func (EvFailoverFailed) isEvent() {}
-func (EvTick) isEvent()           {}
-func (EvFailover) isEvent()       {}
-func (EvReprotect) isEvent()      {}
-func (EvStop) isEvent()           {}
-
-// Action is an output of the policy, for the agent loop to carry out. Long actions report their
-// end with an event (ActBoot → EvBooted or EvBootFailed, ActProtect → EvProtected or
-// EvProtectFailed, ActFailover* and ActSwitchover → EvFailoverDone or EvFailoverFailed).
+// Action is an output of the policy for the runner to carry out.
 type Action interface{ isAction() }
 
+// Actions. Long ones report their end with an event (ActBoot → Booted/BootFailed, ActProtect →
+// Protected/ProtectFailed, ActStartSecondary → Prepared/PrepareFailed, ActTakeOver →
+// TakeoverDone/TakeoverFailed, ActGoAlone → AloneDone/AloneFailed); store requests report with
+// LeaseAcquired/LeaseHeld/LeaseRenewed/LeaseLost/StoreOK/StoreDown.
 type (
-	// ActBoot starts the primary QEMU on Side.
-	ActBoot struct{ Side Side }
-	// ActProtect starts a fresh secondary on the side opposite Primary and protects the primary
-	// with it; Reprotect tells a survivor from a first primary.
+	// ActAcquire asks the store for the lease (resuming the one an earlier agent of this side
+	// held, if any); SentAt is now.
+	ActAcquire struct{ SentAt int }
+	// ActRenew renews the held lease; SentAt is now.
+	ActRenew struct{ SentAt int }
+	// ActRelease gives the lease up (before ActHandOver is sent).
+	ActRelease struct{ Epoch uint64 }
+	// ActProbeStore asks the store who holds the lease; SentAt is now.
+	ActProbeStore struct{ SentAt int }
+	// ActBoot starts the primary QEMU here.
+	ActBoot struct{}
+	// ActProtect protects our primary with a secondary the peer prepares.
 	ActProtect struct {
-		Gen       int
-		Primary   Side
-		Reprotect bool
+		Gen   int
+		Epoch uint64
 	}
-	// ActKill stops Side's QEMU at once (SIGKILL): fencing, or cleanup. It completes before the
-	// loop runs the next action.
-	ActKill struct {
-		Side   Side
-		Reason string
-	}
-	// ActFailoverAsSecondary makes the secondary on Side take over; Yank first cuts its links
-	// to a primary that hangs.
-	ActFailoverAsSecondary struct {
-		Side Side
+	// ActStartSecondary starts a secondary here for the peer's primary.
+	ActStartSecondary struct{ Gen int }
+	// ActFreeze freezes our QEMU (SIGSTOP): it releases nothing until thawed or killed.
+	ActFreeze struct{ Why string }
+	// ActThaw resumes a frozen QEMU (SIGCONT).
+	ActThaw struct{}
+	// ActKill kills our QEMU.
+	ActKill struct{ Why string }
+	// ActTakeOver writes the primary record Rec (under the lease), then fails our secondary
+	// over: it becomes the primary.
+	ActTakeOver struct {
 		Yank bool
+		Why  string
+		Kind HandOverKind
+		Rec  PrimaryRecord
 	}
-	// ActFailoverAsPrimary makes the primary on Side run on alone.
-	ActFailoverAsPrimary struct{ Side Side }
-	// ActSwitchover moves the VM from the primary on From to the secondary on its other side
-	// without losing a packet: the primary's held output is flushed with a checkpoint, the
-	// primary stopped, the secondary failed over, and the old primary killed.
-	ActSwitchover struct{ From Side }
+	// ActGoAlone writes the primary record Rec (Colo false, under the lease), then makes our
+	// primary run on without its secondary. Without the record written, nothing is done.
+	ActGoAlone struct {
+		Yank bool
+		Why  string
+		Rec  PrimaryRecord
+	}
+	// ActMark writes the primary record Rec under the lease (after COLO started, or after the
+	// lease was regained).
+	ActMark struct{ Rec PrimaryRecord }
+	// ActHandOver asks the peer to take over at once.
+	ActHandOver struct {
+		Epoch uint64
+		Kind  HandOverKind
+		Why   string
+	}
+	// ActTearDownPeer asks the peer to drop its secondary of generation Gen.
+	ActTearDownPeer struct{ Gen int }
+	// ActSwitchover flushes our primary's held output with a checkpoint and kills it; the
+	// actions after it release the lease and hand over.
+	ActSwitchover struct{}
 )
 
-func (ActBoot) isAction()                {}
-func (ActProtect) isAction()             {}
-func (ActKill) isAction()                {}
-func (ActFailoverAsSecondary) isAction() {}
-func (ActFailoverAsPrimary) isAction()   {}
-func (ActSwitchover) isAction()          {}
+func (ActAcquire) isAction()        {}
+func (ActRenew) isAction()          {}
+func (ActRelease) isAction()        {}
+func (ActProbeStore) isAction()     {}
+func (ActBoot) isAction()           {}
+func (ActProtect) isAction()        {}
+func (ActStartSecondary) isAction() {}
+func (ActFreeze) isAction()         {}
+func (ActThaw) isAction()           {}
+func (ActKill) isAction()           {}
+func (ActTakeOver) isAction()       {}
+func (ActGoAlone) isAction()        {}
+func (ActHandOver) isAction()       {}
+func (ActTearDownPeer) isAction()   {}
+func (ActSwitchover) isAction()     {}
+func (ActMark) isAction()           {}
 
-// ErrWrongState is wrapped by the error of an operator request the pair cannot take in its
-// current state; such a request changes nothing.
-var ErrWrongState = errors.New("not possible in the pair's current state")
-
-// Config are the policy's knobs.
+// Config are the timings of the policy, in ticks.
 type Config struct {
-	// AutoReprotect re-protects a degraded pair by itself.
+	// HeartbeatTimeout: a peer not heard from for this long is unreachable.
+	HeartbeatTimeout int
+	// LeaseTTL is the lease's time to live in the store.
+	LeaseTTL int
+	// FenceMargin: how long before its lease could expire (or its peer's confirmation goes
+	// stale) a primary freezes its QEMU; it covers the time the freeze takes and clock drift.
+	FenceMargin int
+	// RenewEvery is the interval of lease renewals (and of the other sides' store probes).
+	RenewEvery int
+	// AcquireEvery is the interval of attempts to acquire the lease.
+	AcquireEvery int
+	// StandDownAfter: a secondary whose peer is unreachable while the peer keeps the lease
+	// renewed for this long drops its secondary (the primary runs alone by then).
+	StandDownAfter int
+	// AutoReprotect: a primary running alone protects itself again when the peer is back.
 	AutoReprotect bool
-	// RetryTicks is the wait, in ticks, before retrying a failed protection; it doubles at each
-	// consecutive failure up to MaxRetryTicks.
+	// RetryTicks and MaxRetryTicks: the backoff between protection attempts.
 	RetryTicks, MaxRetryTicks int
-	// SettleTicks is the wait after a failover before re-protecting. Clients' packets lost with
-	// the failed side come back by retransmission a second or two later. Measured on QEMU
-	// 11.1.3 (TCG, a client writing every 20 ms, slirp as its TCP peer): a re-protection that
-	// started 1.7 s after the failover, as the client's retransmission arrived, left the guest
-	// answering nothing while COLO itself went on (2 runs of 2; 3 of 4 when started at once
-	// with the old 1 s channel retry); started 4.5 s after, none of 4 runs did. Those "guest
-	// answers nothing" runs were later traced to a guest kernel oops in the disk path on the
-	// survivor, which also happens without any re-protection, so the settle period may have
-	// been luck; it stays as a cheap precaution until that is settled.
-	SettleTicks int
 }
 
-// DefaultConfig: re-protect automatically 5 ticks after a failover; retry after 5 ticks, at
-// most 60 apart.
-var DefaultConfig = Config{AutoReprotect: true, RetryTicks: 5, MaxRetryTicks: 60, SettleTicks: 5}
-
-// Policy is the state machine of one pair. It does no I/O and reads no clock: the same events
-// give the same actions. Not safe for concurrent use; the agent loop owns it.
-type Policy struct {
-	cfg     Config
-	state   State
-	primary Side // meaningful from StateStarting on
-	hasSec  bool // a secondary QEMU exists (protecting, protected, reprotecting)
-	gen     int
-	// retry: ticks left before the next protection attempt (degraded), and the current backoff.
-	retryIn, backoff int
-	reason           string
-	// survivor is the side that runs the VM at the end of the running failover.
-	survivor  Side
-	failovers int
-}
-
-// NewPolicy returns a stopped pair.
-func NewPolicy(cfg Config) *Policy {
-	if cfg.RetryTicks <= 0 {
-		cfg.RetryTicks = DefaultConfig.RetryTicks
-	}
-	if cfg.MaxRetryTicks < cfg.RetryTicks {
-		cfg.MaxRetryTicks = cfg.RetryTicks
-	}
-	return &Policy{cfg: cfg, state: StateStopped, backoff: cfg.RetryTicks}
-}
-
-// Restore returns a policy for a pair adopted after an agent restart: the VM runs with its
-// primary on primary, protected or not, at generation gen.
-func Restore(cfg Config, primary Side, protected bool, gen int) *Policy {
-	p := NewPolicy(cfg)
-	p.primary, p.gen = primary, gen
-	if protected {
-		p.state, p.hasSec = StateProtected, true
-	} else {
-		p.state = StateDegraded
-		p.retryIn = p.cfg.RetryTicks
-	}
-	return p
-}
-
-// State returns the pair's state.
-func (p *Policy) State() State { return p.state }
-
-// Primary returns the side that runs (or runs as) the primary.
-func (p *Policy) Primary() Side { return p.primary }
-
-// HasSecondary reports whether a secondary QEMU is part of the pair now.
-func (p *Policy) HasSecondary() bool { return p.hasSec }
-
-// Generation returns the number of the current protection generation.
-func (p *Policy) Generation() int { return p.gen }
-
-// Reason says why the pair is in its state (for degraded and failed).
-func (p *Policy) Reason() string { return p.reason }
-
-// Failovers counts the failovers so far.
-func (p *Policy) Failovers() int { return p.failovers }
-
-// Step feeds one event and returns the actions to carry out, in order. Only operator requests
-// return an error (wrapping ErrWrongState), and then nothing changed.
-func (p *Policy) Step(ev Event) ([]Action, error) {
-	switch e := ev.(type) {
-	case EvStart:
-		if p.state != StateStopped && p.state != StateFailed {
-			return nil, fmt.Errorf("start: pair is %s: %w", p.state, ErrWrongState)
-		}
-		p.state, p.primary, p.hasSec, p.reason = StateStarting, SideA, false, ""
-		return []Action{ActBoot{Side: SideA}}, nil
-	case EvStop:
-		if p.state == StateStopped {
-			return nil, fmt.Errorf("stop: pair is already stopped: %w", ErrWrongState)
-		}
-		acts := []Action{ActKill{Side: p.primary, Reason: "stop"}, ActKill{Side: p.primary.Other(), Reason: "stop"}}
-		p.state, p.hasSec, p.reason = StateStopped, false, "stopped by the operator"
-		return acts, nil
-	case EvFailover:
-		if p.state != StateProtected {
-			return nil, fmt.Errorf("failover: pair is %s, only a protected pair can fail over: %w", p.state, ErrWrongState)
-		}
-		p.state, p.survivor = StateFailingOver, p.primary.Other()
-		p.failovers++
-		if e.Forced {
-			p.reason = "forced failover requested"
-			return []Action{ActKill{Side: p.primary, Reason: "forced failover"}, ActFailoverAsSecondary{Side: p.primary.Other()}}, nil
-		}
-		p.reason = "planned switchover requested"
-		return []Action{ActSwitchover{From: p.primary}}, nil
-	case EvReprotect:
-		if p.state != StateDegraded {
-			return nil, fmt.Errorf("reprotect: pair is %s, only a degraded pair can be re-protected: %w", p.state, ErrWrongState)
-		}
-		return p.protect(), nil
-	case EvBooted:
-		if p.state != StateStarting || e.Side != p.primary {
-			return nil, nil
-		}
-		return p.protectFirst(), nil
-	case EvBootFailed:
-		if p.state != StateStarting {
-			return nil, nil
-		}
-		p.state, p.reason = StateFailed, "primary did not start: "+e.Err
-		return []Action{ActKill{Side: p.primary, Reason: "boot failed"}}, nil
-	case EvProtected:
-		if (p.state != StateProtecting && p.state != StateReprotecting) || e.Gen != p.gen {
-			return nil, nil
-		}
-		p.state, p.reason, p.backoff = StateProtected, "", p.cfg.RetryTicks
-		return nil, nil
-	case EvProtectFailed:
-		if (p.state != StateProtecting && p.state != StateReprotecting) || e.Gen != p.gen {
-			return nil, nil
-		}
-		return p.degrade("protection failed: "+e.Err, true), nil
-	case EvFailoverDone:
-		if p.state != StateFailingOver || e.Survivor != p.survivor {
-			return nil, nil
-		}
-		p.primary, p.hasSec = e.Survivor, false
-		p.state = StateDegraded
-		if p.cfg.AutoReprotect {
-			if p.cfg.SettleTicks <= 0 {
-				return p.protect(), nil
-			}
-			p.retryIn = p.cfg.SettleTicks
-		}
-		return nil, nil
-	case EvFailoverFailed:
-		if p.state != StateFailingOver || e.Survivor != p.survivor {
-			return nil, nil
-		}
-		p.state, p.hasSec, p.reason = StateFailed, false, "failover failed: "+e.Err
-		return []Action{ActKill{Side: e.Survivor.Other(), Reason: "failover failed"}}, nil
-	case EvTick:
-		if p.state == StateDegraded && p.cfg.AutoReprotect {
-			if p.retryIn > 0 {
-				p.retryIn--
-			}
-			if p.retryIn == 0 {
-				return p.protect(), nil
-			}
-		}
-		return nil, nil
-	case EvSignal:
-		return p.signal(e), nil
-	}
-	return nil, fmt.Errorf("unknown event %T", ev)
-}
-
-func (p *Policy) protectFirst() []Action {
-	p.gen++
-	p.state, p.hasSec = StateProtecting, true
-	return []Action{ActProtect{Gen: p.gen, Primary: p.primary}}
-}
-
-func (p *Policy) protect() []Action {
-	p.gen++
-	p.state, p.hasSec = StateReprotecting, true
-	return []Action{ActProtect{Gen: p.gen, Primary: p.primary, Reprotect: true}}
-}
-
-// degrade makes the primary run alone after a failed protection, removing the secondary.
-func (p *Policy) degrade(reason string, backoff bool) []Action {
-	acts := []Action{}
-	if p.hasSec {
-		acts = append(acts, ActKill{Side: p.primary.Other(), Reason: reason})
-	}
-	p.state, p.hasSec, p.reason = StateDegraded, false, reason
-	p.retryIn = p.backoff
-	if backoff {
-		p.backoff = min(p.backoff*2, p.cfg.MaxRetryTicks)
-	}
-	return acts
-}
-
-func (p *Policy) signal(e EvSignal) []Action {
-	fatal := e.Kind == SigExited || e.Kind == SigQMPLost || e.Kind == SigQMPTimeout
-	onPrimary := e.Side == p.primary
-	switch p.state {
-	case StateProtected:
-		switch {
-		case onPrimary && fatal:
-			// The primary died or hangs: fence it (a hung QEMU could wake up), then the
-			// secondary takes over.
-			p.state, p.survivor, p.reason = StateFailingOver, e.Side.Other(), fmt.Sprintf("primary on %s: %s", e.Side, e.Kind)
-			p.failovers++
-			return []Action{
-				ActKill{Side: e.Side, Reason: "fence: " + string(e.Kind)},
-				ActFailoverAsSecondary{Side: e.Side.Other(), Yank: e.Kind == SigQMPTimeout},
-			}
-		case !onPrimary && fatal, onPrimary && (e.Kind == SigColoExitError || e.Kind == SigMigrationFailed):
-			// The secondary is gone, or the primary lost it: the primary goes on alone and the
-			// secondary is fenced so that it can never take over.
-			p.state, p.survivor, p.reason = StateFailingOver, p.primary, fmt.Sprintf("secondary lost (%s on %s)", e.Kind, e.Side)
-			p.failovers++
-			return []Action{
-				ActKill{Side: p.primary.Other(), Reason: "fence: " + string(e.Kind)},
-				ActFailoverAsPrimary{Side: p.primary},
-			}
-		}
-		// COLO_EXIT on the secondary alone: the primary's own signals decide.
-		return nil
-	case StateStarting:
-		if onPrimary && fatal {
-			p.state, p.reason = StateFailed, fmt.Sprintf("primary on %s: %s while starting", e.Side, e.Kind)
-			return []Action{ActKill{Side: e.Side, Reason: "cleanup"}}
-		}
-	case StateProtecting, StateReprotecting:
-		if onPrimary && fatal {
-			// The secondary has no consistent state before COLO: the VM is lost.
-			p.state, p.hasSec, p.reason = StateFailed, false, fmt.Sprintf("primary on %s: %s before protection completed", e.Side, e.Kind)
-			return []Action{ActKill{Side: e.Side, Reason: "cleanup"}, ActKill{Side: e.Side.Other(), Reason: "cleanup"}}
-		}
-		if !onPrimary && fatal {
-			return p.degrade(fmt.Sprintf("new secondary on %s: %s", e.Side, e.Kind), true)
-		}
-	case StateDegraded:
-		if onPrimary && fatal {
-			p.state, p.reason = StateFailed, fmt.Sprintf("unprotected primary on %s: %s", e.Side, e.Kind)
-			return []Action{ActKill{Side: e.Side, Reason: "cleanup"}}
-		}
-	case StateFailingOver:
-		// The survivor itself failing ends the pair; signals of the side being failed away from
-		// are expected and ignored.
-		if e.Side == p.survivor && fatal {
-			p.state, p.hasSec, p.reason = StateFailed, false, fmt.Sprintf("survivor on %s: %s during failover", e.Side, e.Kind)
-			return []Action{ActKill{Side: e.Side, Reason: "cleanup"}}
-		}
+func (c Config) validate() error {
+	switch {
+	case c.LeaseTTL <= 0 || c.HeartbeatTimeout <= 0 || c.RenewEvery <= 0 || c.AcquireEvery <= 0:
+		return fmt.Errorf("policy: every timing must be positive: %+v", c)
+	case c.FenceMargin <= 0 || c.FenceMargin >= c.LeaseTTL || c.FenceMargin >= c.HeartbeatTimeout:
+		return fmt.Errorf("policy: the fence margin (%d) must be positive and below the lease TTL (%d) and the heartbeat timeout (%d)", c.FenceMargin, c.LeaseTTL, c.HeartbeatTimeout)
+	case c.RenewEvery >= c.LeaseTTL-c.FenceMargin:
+		return fmt.Errorf("policy: renewals every %d ticks cannot keep a lease of %d ticks with a fence margin of %d", c.RenewEvery, c.LeaseTTL, c.FenceMargin)
 	}
 	return nil
 }
 
-// TickInterval is the agent's tick; retries and timeouts of the policy are counted in ticks.
-const TickInterval = time.Second
+// Adopted is what a restarted agent found of its side: a QEMU that outlived the earlier agent,
+// what it runs as, and what the earlier agent had saved.
+type Adopted struct {
+	// Role is RolePrimary or RoleSecondary: what the side's QEMU was started as.
+	Role Role
+	// Colo: QEMU reports COLO mode (query-colo-status) of its role. A QEMU whose COLO ended
+	// with an error still reports it until a failover: a secondary then holds the VM as of
+	// the last checkpoint, and may be the only copy left.
+	Colo bool
+	// ColoLost says why the QEMU's COLO ended, if it did (query-colo-status reason error).
+	ColoLost string
+	// Frozen: the earlier agent froze the QEMU (it is stopped by SIGSTOP).
+	Frozen bool
+	// Link is the migration link's state as the new agent first read it.
+	Link LinkState
+	// Gen, Epoch and LeaseEpoch: the protection generation, the highest fencing epoch known
+	// and the epoch of the lease the side held (0 if none), as the earlier agent saved them.
+	Gen        int
+	Epoch      uint64
+	LeaseEpoch uint64
+}
+
+// Policy is the state machine of one side of a pair. It does no I/O and reads no clock. Not
+// safe for concurrent use; the side's runner owns it.
+type Policy struct {
+	cfg  Config
+	self string
+	now  int
+	role Role
+	why  string
+	gen  int
+
+	epoch         uint64 // the highest epoch known for the pair
+	held          bool   // we hold the lease of epoch leaseEpoch
+	leaseEpoch    uint64
+	leaseDeadline int // until this tick the lease is surely ours
+	acquiring     bool
+	acquireAt     int // when the running acquisition was sent
+	renewing      bool
+	nextRenew     int
+	probing       bool
+	storeOK       bool
+	storeHolder   LeaseHolder // from the last probe or refusal
+	storeSeen     int         // when storeHolder was learnt
+	storeSince    int         // since when the store has shown that same holder and epoch
+
+	colo         bool // as primary: in COLO with the peer's secondary
+	marked       bool // the primary record says what we do now
+	fenced       bool
+	fencedEpoch  uint64 // the epoch we held when we froze
+	confirmUntil int    // a primary may run without its lease until this tick
+	lastConfirm  int    // as secondary: when we last confirmed
+	handOver     bool   // the peer asked us to take over
+	handOverKind HandOverKind
+	handOverWhy  string
+	coloLost     string // our QEMU left COLO by itself, and why
+	link         LinkState
+
+	// suspect: time jumped (missed ticks) at this tick; no decision until the store answered a
+	// request sent at or after it (-1: no suspicion).
+	suspect int
+	// restoreUntil: an adopted side takes no decision and does not freeze before this tick,
+	// unless the store or the peer answered first (its lease and its peer are unknown yet).
+	restoreUntil int
+	// peerGrace: before this tick an unheard peer does not count as lost (an adopted side,
+	// an agent whose time jumped, or a QEMU just thawed has not had time to hear it).
+	peerGrace int
+
+	peerSeen     int // when the request of the last successful exchange was sent (or one arrived)
+	peerEver     bool
+	peer         PeerView
+	peerLostAt   int // when the peer was first seen unreachable (-1: it is reachable)
+	retryIn      int
+	backoff      int
+	reprotectNow bool // an operator asked to protect now
+	wantPrimary  bool // Start was asked here
+	failovers    int
+}
+
+// NewPolicy returns the idle side of self (its lease holder name).
+func NewPolicy(cfg Config, self string) (*Policy, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if cfg.RetryTicks <= 0 {
+		cfg.RetryTicks = 1
+	}
+	if cfg.MaxRetryTicks < cfg.RetryTicks {
+		cfg.MaxRetryTicks = cfg.RetryTicks
+	}
+	if cfg.StandDownAfter <= 0 {
+		cfg.StandDownAfter = cfg.LeaseTTL * 2
+	}
+	return &Policy{cfg: cfg, self: self, role: RoleIdle, lastConfirm: -1 << 30, backoff: cfg.RetryTicks, peerLostAt: -1, suspect: -1}, nil
+}
+
+// Restore returns the policy of a side whose QEMU outlived an earlier agent. A primary asks
+// for its lease at once (resuming the earlier agent's); a secondary in COLO carries on and
+// waits for its peer's heartbeats. Neither takes a decision, and a primary does not freeze,
+// before the store or the peer answered or LeaseTTL ticks passed. A secondary not in COLO
+// holds nothing worth keeping: it is killed.
+func Restore(cfg Config, self string, a Adopted) (*Policy, []Action, error) {
+	p, err := NewPolicy(cfg, self)
+	if err != nil {
+		return nil, nil, err
+	}
+	p.gen, p.epoch, p.leaseEpoch, p.link = a.Gen, max(a.Epoch, a.LeaseEpoch), a.LeaseEpoch, a.Link
+	p.restoreUntil, p.peerGrace = cfg.LeaseTTL, cfg.HeartbeatTimeout
+	switch {
+	case a.Role == RolePrimary:
+		p.role, p.colo, p.why = RolePrimary, a.Colo, "adopted after an agent restart"
+		if a.Colo {
+			p.coloLost = a.ColoLost
+		}
+		if a.Frozen {
+			p.fenced, p.fencedEpoch, p.why = true, a.LeaseEpoch, "adopted frozen: its lease had lapsed"
+		}
+		return p, p.tryAcquire(), nil
+	case a.Role == RoleSecondary && a.Colo:
+		p.role, p.why, p.coloLost = RoleSecondary, "adopted after an agent restart", a.ColoLost
+		return p, nil, nil
+	}
+	p.role, p.why = RoleIdle, "an adopted secondary was not in COLO"
+	return p, []Action{ActKill{Why: p.why}}, nil
+}
+
+// Role returns what this side does now.
+func (p *Policy) Role() Role { return p.role }
+
+// Why says why the side is in its role.
+func (p *Policy) Why() string { return p.why }
+
+// Epoch returns the highest fencing epoch this side knows.
+func (p *Policy) Epoch() uint64 { return p.epoch }
+
+// Generation returns the current protection generation.
+func (p *Policy) Generation() int { return p.gen }
+
+// Holds reports whether this side holds the lease (as far as it knows).
+func (p *Policy) Holds() bool { return p.held }
+
+// LeaseEpoch returns the epoch of the lease this side holds or held last.
+func (p *Policy) LeaseEpoch() uint64 { return p.leaseEpoch }
+
+// Fenced reports whether this side's QEMU is frozen.
+func (p *Policy) Fenced() bool { return p.fenced }
+
+// Colo reports whether this side's QEMU is in COLO with the peer.
+func (p *Policy) Colo() bool {
+	return (p.isPrimary() && p.colo) || p.role == RoleSecondary
+}
+
+// StoreOK reports whether the last store request succeeded.
+func (p *Policy) StoreOK() bool { return p.storeOK }
+
+// PeerReachable reports whether the peer was heard from within the heartbeat timeout.
+func (p *Policy) PeerReachable() bool {
+	return p.peerEver && p.now-p.peerSeen < p.cfg.HeartbeatTimeout
+}
+
+// Peer returns the peer's view from its last heartbeat.
+func (p *Policy) Peer() PeerView { return p.peer }
+
+// Failovers counts the takeovers and goes-alone this side did.
+func (p *Policy) Failovers() int { return p.failovers }
+
+// Now returns the logical time.
+func (p *Policy) Now() int { return p.now }
+
+// Link returns the migration link's state as the last tick brought it.
+func (p *Policy) Link() LinkState { return p.link }
+
+// Releasing reports whether this side may release guest output now: it runs the primary,
+// unfrozen, and holds the lease or a fresh confirmation.
+func (p *Policy) Releasing() bool {
+	return p.isPrimary() && !p.fenced && p.mayRun()
+}
+
+func (p *Policy) isPrimary() bool { return runsVM(p.role) }
+
+func (p *Policy) mayRun() bool {
+	return (p.held && p.now < p.leaseDeadline) || p.now < p.confirmUntil
+}
+
+func (p *Policy) restoring() bool { return p.now < p.restoreUntil }
+
+// peerLost reports whether the peer counts as unreachable: not heard within the heartbeat
+// timeout, and not a peer an adopted side has had no time to hear yet.
+func (p *Policy) peerLost() bool {
+	return !p.PeerReachable() && p.now >= p.peerGrace
+}
+
+// thaw resumes a frozen QEMU. Its migration link reads quiet until its next checkpoint: the
+// peer is not judged lost on that reading for a heartbeat timeout.
+func (p *Policy) thaw(why string) Action {
+	p.fenced, p.why = false, why
+	p.peerGrace = max(p.peerGrace, p.now+p.cfg.HeartbeatTimeout)
+	return ActThaw{}
+}
+
+func (p *Policy) record(colo bool) PrimaryRecord {
+	return PrimaryRecord{Holder: p.self, Epoch: p.leaseEpoch, Gen: p.gen, Colo: colo}
+}
+
+// View is this side as the peer sees it in heartbeats, without a confirmation.
+func (p *Policy) View() PeerView {
+	return PeerView{Role: p.role, Epoch: p.epoch, Gen: p.gen, Colo: p.Colo(), Fenced: p.fenced, StoreOK: p.storeOK}
+}
+
+// Step feeds one event and returns the actions to carry out, in order. Requests the side
+// cannot take return an error wrapping ErrWrongState or ErrStaleEpoch, and change nothing.
+func (p *Policy) Step(ev Event) ([]Action, error) {
+	var acts []Action
+	switch e := ev.(type) {
+	case Tick:
+		n := max(e.N, 1)
+		p.now += n
+		p.link = e.Link
+		if n > 1 {
+			// Missed ticks: whatever this side believed of its lease and its peer may be
+			// stale by now. Deadlines have passed as they did in the store; decisions wait
+			// for a fresh answer from it.
+			p.suspect, p.peerGrace = p.now, p.now+p.cfg.HeartbeatTimeout
+			p.acquiring, p.renewing, p.probing = false, false, false
+			p.nextRenew = p.now
+		}
+		acts = p.tick()
+	case Start:
+		if p.role != RoleIdle && p.role != RoleFailed {
+			return nil, fmt.Errorf("start: this side is %s: %w", p.role, ErrWrongState)
+		}
+		p.wantPrimary, p.role, p.why = true, RoleIdle, "starting"
+		acts = p.tryAcquire()
+	case Stop:
+		acts = p.stop()
+	case FailoverRequest:
+		var err error
+		if acts, err = p.failoverRequest(e); err != nil {
+			return nil, err
+		}
+	case ReprotectRequest:
+		switch {
+		case p.role == RoleProtecting:
+			return nil, fmt.Errorf("reprotect: a protection runs already: %w", ErrWrongState)
+		case p.role != RolePrimary || p.colo || p.fenced:
+			return nil, fmt.Errorf("reprotect: this side is %s (protected=%v, frozen=%v); only a primary running alone can be re-protected: %w", p.role, p.colo, p.fenced, ErrWrongState)
+		case !p.PeerReachable():
+			return nil, fmt.Errorf("reprotect: the peer is unreachable: %w", ErrWrongState)
+		case p.peer.Role != RoleIdle && p.peer.Role != RoleFailed:
+			return nil, fmt.Errorf("reprotect: the peer is %s, not ready for a secondary: %w", p.peer.Role, ErrWrongState)
+		}
+		p.reprotectNow, p.retryIn, p.backoff = true, 0, p.cfg.RetryTicks
+	case LeaseAcquired:
+		acts = p.acquired(e)
+	case LeaseHeld:
+		p.acquiring, p.storeOK = false, true
+		p.sawHolder(e.Holder)
+		p.storeAnswered(e.SentAt)
+		// Another side holding the lease does not make our VM stale: it may only be checking
+		// the primary record, and give the lease back. The record decides, when we acquire.
+		p.learnEpoch(e.Holder.Epoch)
+	case LeaseRenewed:
+		p.renewing, p.storeOK = false, true
+		p.storeAnswered(e.SentAt)
+		if p.held {
+			p.leaseDeadline = max(p.leaseDeadline, e.SentAt+p.cfg.LeaseTTL-p.cfg.FenceMargin)
+			if p.fenced && p.fencedEpoch == p.leaseEpoch && p.mayRun() {
+				// The lease never lapsed: nobody else can have run the VM.
+				acts = append(acts, p.thaw("lease renewed again"))
+			}
+		}
+	case LeaseLost:
+		p.renewing, p.storeOK = false, true
+		p.suspect, p.restoreUntil = -1, 0
+		p.held = false
+		acts = p.enforce()
+		if p.isPrimary() {
+			acts = append(acts, p.tryAcquire()...)
+		}
+	case StoreDown:
+		p.acquiring, p.renewing, p.probing, p.storeOK = false, false, false, false
+	case StoreOK:
+		p.probing, p.storeOK = false, true
+		p.sawHolder(e.Holder)
+		p.storeAnswered(e.SentAt)
+		p.learnEpoch(e.Holder.Epoch)
+	case PeerReply:
+		if e.View.Confirm && p.isPrimary() && (p.suspect < 0 || e.SentAt >= p.suspect) {
+			p.confirmUntil = max(p.confirmUntil, e.SentAt+p.cfg.HeartbeatTimeout-p.cfg.FenceMargin)
+			if p.fenced && p.fencedEpoch == p.leaseEpoch && p.mayRun() {
+				// Frozen because the store went away before the secondary said so: the
+				// secondary is still in COLO with us and will not take over while it
+				// confirms, so nobody else runs the VM.
+				acts = append(acts, p.thaw("running on the secondary's confirmation: the store is unreachable"))
+			}
+		}
+		acts = append(acts, p.peerHeard(e.SentAt, e.View)...)
+	case PeerRequest:
+		acts = p.peerHeard(p.now, e.View)
+	case LocalFailed:
+		acts = p.localFailed(e.Why)
+	case ColoLost:
+		if p.Colo() && p.coloLost == "" {
+			p.coloLost = e.Why
+		}
+	case HandOverRequest:
+		if e.Epoch < p.epoch {
+			return nil, fmt.Errorf("hand-over of epoch %d: this side knows epoch %d: %w", e.Epoch, p.epoch, ErrStaleEpoch)
+		}
+		if p.role != RoleSecondary {
+			return nil, fmt.Errorf("hand-over: this side is %s, not a secondary in COLO: %w", p.role, ErrWrongState)
+		}
+		p.handOver, p.handOverKind, p.handOverWhy = true, e.Kind, e.Why
+		acts = p.tryAcquire()
+	case Booted:
+		if p.role == RoleBooting {
+			p.role, p.why, p.colo, p.retryIn = RolePrimary, "running unprotected", false, 0
+		}
+	case BootFailed:
+		if p.role == RoleBooting {
+			p.role, p.why = RoleFailed, "the primary did not start: "+e.Err
+			acts = append(acts, ActKill{Why: "boot failed"})
+			acts = append(acts, p.release()...)
+		}
+	case Protected:
+		if p.role == RoleProtecting && e.Gen == p.gen {
+			p.role, p.colo, p.marked, p.why, p.backoff = RolePrimary, true, false, "", p.cfg.RetryTicks
+			p.coloLost, p.reprotectNow = "", false
+			acts = append(acts, ActMark{Rec: p.record(true)})
+		}
+	case ProtectFailed:
+		if p.role == RoleProtecting && e.Gen == p.gen {
+			p.role, p.colo, p.why = RolePrimary, false, "protection failed: "+e.Err
+			p.retryIn, p.backoff = p.backoff, min(p.backoff*2, p.cfg.MaxRetryTicks)
+			p.reprotectNow = false
+			acts = append(acts, ActTearDownPeer{Gen: e.Gen})
+		}
+	case Marked:
+		if e.Rec == p.record(p.colo) {
+			p.marked = true
+		}
+	case PrepareRequest:
+		if e.Epoch < p.epoch {
+			return nil, fmt.Errorf("prepare secondary for epoch %d: this side knows epoch %d: %w", e.Epoch, p.epoch, ErrStaleEpoch)
+		}
+		if p.role != RoleIdle && p.role != RoleFailed && p.role != RoleJoining && p.role != RoleSecondary {
+			return nil, fmt.Errorf("prepare secondary: this side is %s: %w", p.role, ErrWrongState)
+		}
+		if p.role == RoleJoining || p.role == RoleSecondary {
+			acts = append(acts, ActKill{Why: fmt.Sprintf("replaced by generation %d", e.Gen)})
+		}
+		p.epoch, p.gen, p.role, p.why, p.handOver, p.wantPrimary, p.coloLost = e.Epoch, e.Gen, RoleJoining, "", false, false, ""
+		// The request itself shows the peer alive; its view comes with the next heartbeat.
+		if !p.peerEver || p.now > p.peerSeen {
+			p.peerSeen, p.peerEver = p.now, true
+		}
+		p.peerLostAt = -1
+		acts = append(acts, ActStartSecondary{Gen: e.Gen})
+	case Prepared:
+		// Joining until the peer reports COLO of this generation.
+	case PrepareFailed:
+		if p.role == RoleJoining && e.Gen == p.gen {
+			p.role, p.why = RoleIdle, "preparing the secondary failed: "+e.Err
+			acts = append(acts, ActKill{Why: "prepare failed"})
+		}
+	case TearDownRequest:
+		if (p.role == RoleJoining || p.role == RoleSecondary) && e.Gen == p.gen {
+			p.role, p.why = RoleIdle, "torn down by the primary"
+			acts = append(acts, ActKill{Why: "torn down"})
+		}
+	case TakeoverDone:
+		if p.role == RoleTakingOver {
+			p.role, p.colo, p.marked, p.why, p.retryIn = RolePrimary, false, true, "took over: "+p.why, p.cfg.RetryTicks
+			p.coloLost = ""
+		}
+	case TakeoverFailed:
+		if p.role == RoleTakingOver {
+			if e.StoreDown {
+				// Nothing changed on the secondary: give the lease back and try again.
+				p.role, p.why = RoleSecondary, "takeover postponed: "+e.Err
+				p.failovers--
+				acts = append(acts, p.release()...)
+				if p.fenced {
+					p.fenced = false // a secondary again: it releases nothing
+					acts = append(acts, ActThaw{})
+				}
+			} else {
+				p.role, p.why = RoleFailed, "takeover failed: "+e.Err
+				acts = append(acts, ActKill{Why: "takeover failed"})
+				acts = append(acts, p.release()...)
+			}
+		}
+	case AloneDone:
+		if p.role == RoleAlone {
+			p.role, p.colo, p.marked, p.retryIn, p.coloLost = RolePrimary, false, true, p.cfg.RetryTicks, ""
+		}
+	case AloneFailed:
+		if p.role == RoleAlone {
+			if e.StoreDown {
+				// Still in COLO, output held by colo-compare: try again at the next tick.
+				p.role, p.colo, p.why = RolePrimary, true, "going alone postponed: "+e.Err
+				p.failovers--
+			} else {
+				p.role, p.why = RoleFailed, "failover as primary failed: "+e.Err
+				acts = append(acts, ActKill{Why: "failover as primary failed"})
+				acts = append(acts, p.release()...)
+			}
+		}
+	default:
+		return nil, fmt.Errorf("unknown event %T", ev)
+	}
+	acts = append(acts, p.decide()...)
+	acts = append(acts, p.enforce()...)
+	return acts, nil
+}
+
+// Reply decides, for the reply to a peer's heartbeat, whether this side confirms that the peer
+// may run without renewing its lease, and records when it did; it returns the view to send.
+func (p *Policy) Reply(peer PeerView) PeerView {
+	v := p.View()
+	v.Confirm = p.role == RoleSecondary && !p.storeOK && peer.Epoch == p.epoch && peer.Gen == p.gen && peer.Colo &&
+		peer.Role == RolePrimary && p.coloLost == ""
+	if v.Confirm {
+		p.lastConfirm = p.now
+	}
+	return v
+}
+
+func (p *Policy) failoverRequest(e FailoverRequest) ([]Action, error) {
+	what := "switchover"
+	if e.Forced {
+		what = "forced failover"
+	}
+	// Both kinds need the primary record to say COLO: without it the peer may not take over.
+	if p.role != RolePrimary || !p.colo || p.fenced || !p.PeerReachable() || p.peer.Role != RoleSecondary || p.peer.Gen != p.gen || p.coloLost != "" || !p.marked {
+		return nil, fmt.Errorf("%s: this side is %s (protected=%v, recorded=%v, peer reachable=%v, peer %s); only a protected primary with its secondary in COLO can fail over: %w",
+			what, p.role, p.colo, p.marked, p.PeerReachable(), p.peer.Role, ErrWrongState)
+	}
+	why := e.Reason
+	if e.Forced {
+		if why == "" {
+			why = "forced failover"
+		}
+		acts := []Action{ActKill{Why: "forced failover"}}
+		return append(acts, p.handOverActions(HandOverForced, why)...), nil
+	}
+	if why == "" {
+		why = "planned switchover"
+	}
+	acts := []Action{ActSwitchover{}}
+	return append(acts, p.handOverActions(HandOverPlanned, why)...), nil
+}
+
+// sawHolder records who the store says holds the lease now.
+func (p *Policy) sawHolder(h LeaseHolder) {
+	if h != p.storeHolder {
+		p.storeSince = p.now
+	}
+	p.storeHolder, p.storeSeen = h, p.now
+}
+
+func (p *Policy) learnEpoch(e uint64) {
+	if e > p.epoch {
+		p.epoch = e
+	}
+}
+
+// storeAnswered clears the suspicion of a time jump once the store answered a request sent
+// after it, and ends the restore window.
+func (p *Policy) storeAnswered(sentAt int) {
+	if p.suspect >= 0 && sentAt >= p.suspect {
+		p.suspect = -1
+	}
+	p.restoreUntil = 0
+}
+
+func (p *Policy) release() []Action {
+	if !p.held {
+		return nil
+	}
+	p.held = false
+	return []Action{ActRelease{Epoch: p.leaseEpoch}}
+}
+
+func (p *Policy) tryAcquire() []Action {
+	if p.acquiring || p.held || (p.acquireAt > 0 && p.now-p.acquireAt < p.cfg.AcquireEvery && !p.handOver) {
+		return nil
+	}
+	p.acquiring, p.acquireAt = true, p.now
+	return []Action{ActAcquire{SentAt: p.now}}
+}
+
+func (p *Policy) becomeStale(why string) []Action {
+	acts := []Action{ActKill{Why: "stale: " + why}}
+	acts = append(acts, p.release()...)
+	p.role, p.fenced, p.colo, p.marked, p.why, p.coloLost = RoleIdle, false, false, false, "stale: "+why, ""
+	return acts
+}
+
+func (p *Policy) acquired(e LeaseAcquired) []Action {
+	p.acquiring, p.storeOK = false, true
+	p.storeAnswered(e.SentAt)
+	oldLease := p.leaseEpoch
+	p.held, p.leaseEpoch = true, e.Epoch
+	p.leaseDeadline = e.SentAt + p.cfg.LeaseTTL - p.cfg.FenceMargin
+	p.sawHolder(LeaseHolder{Holder: p.self, Epoch: e.Epoch})
+	p.nextRenew = p.now + p.cfg.RenewEvery
+	p.learnEpoch(e.Epoch)
+	// Only a side about to release output writes the record, so a record that is still ours
+	// says nobody else released output since (our last mark may be older than our last lease,
+	// when the store went away before it was written).
+	// No record at all: nobody ever released output under a lease (a takeover writes one
+	// first), so a primary's VM is nobody else's either.
+	mine := (e.Prev.Holder == p.self && e.Prev.Epoch <= oldLease && oldLease != 0) || (e.Prev.Holder == "" && p.isPrimary())
+	switch {
+	case p.isPrimary():
+		if !mine {
+			return p.becomeStale(fmt.Sprintf("%s ran the VM at epoch %d meanwhile", e.Prev.Holder, e.Prev.Epoch))
+		}
+		// Ours again, and nobody ran the VM meanwhile: the record moves to the new epoch.
+		var acts []Action
+		if p.fenced {
+			acts = append(acts, p.thaw("lease regained"))
+		}
+		p.marked = false
+		return append(acts, ActMark{Rec: p.record(p.colo)})
+	case p.role == RoleSecondary && p.wantsLease():
+		if e.Prev.Holder == p.self || e.Prev.Gen != p.gen || !e.Prev.Colo {
+			// The primary released output without us since our last checkpoint: our copy is
+			// stale, and the primary's is the VM. Give the lease back for it.
+			return p.becomeStale(fmt.Sprintf("the primary record (%s, epoch %d, generation %d, colo %v) is not generation %d in COLO", e.Prev.Holder, e.Prev.Epoch, e.Prev.Gen, e.Prev.Colo, p.gen))
+		}
+		p.role, p.failovers = RoleTakingOver, p.failovers+1
+		why := p.takeoverWhy()
+		kind := HandOverFailed
+		if p.handOver {
+			kind = p.handOverKind
+		}
+		yank := p.link != LinkClosed && p.coloLost == "" && (!p.PeerReachable() || p.peer.Fenced)
+		p.why, p.handOver = why, false
+		return []Action{ActTakeOver{Yank: yank, Why: why, Kind: kind, Rec: p.record(false)}}
+	case p.role == RoleIdle && p.wantPrimary && e.Prev.Holder == "":
+		p.role, p.why, p.wantPrimary = RoleBooting, "", false
+		return []Action{ActBoot{}, ActMark{Rec: p.record(false)}}
+	}
+	// Nothing to do with a lease here.
+	if p.role == RoleIdle && p.wantPrimary {
+		p.wantPrimary, p.why = false, fmt.Sprintf("the pair ran before (%s at epoch %d): not booting a new VM", e.Prev.Holder, e.Prev.Epoch)
+	}
+	return p.release()
+}
+
+func (p *Policy) takeoverWhy() string {
+	switch {
+	case p.handOver && p.handOverWhy != "":
+		return "handed over: " + p.handOverWhy
+	case p.handOver:
+		return "handed over"
+	case p.coloLost != "":
+		return "COLO ended on the secondary: " + p.coloLost
+	case p.link == LinkClosed:
+		return "the primary closed the migration link"
+	case p.PeerReachable() && p.peer.Fenced:
+		return "primary is frozen"
+	case p.PeerReachable():
+		return fmt.Sprintf("primary is %s", p.peer.Role)
+	}
+	return "primary unreachable"
+}
+
+func (p *Policy) stop() []Action {
+	var acts []Action
+	if p.role != RoleIdle {
+		acts = append(acts, ActKill{Why: "stop"})
+	}
+	acts = append(acts, p.release()...)
+	p.role, p.fenced, p.colo, p.wantPrimary, p.why, p.coloLost = RoleIdle, false, false, false, "stopped", ""
+	return acts
+}
+
+// handOverActions give the lease up and ask the peer to take over; our QEMU is dead or
+// killed by the actions before these.
+func (p *Policy) handOverActions(kind HandOverKind, why string) []Action {
+	acts := p.release()
+	acts = append(acts, ActHandOver{Epoch: p.epoch, Kind: kind, Why: why})
+	p.role, p.colo, p.fenced, p.marked, p.why, p.coloLost = RoleIdle, false, false, false, why, ""
+	return acts
+}
+
+func (p *Policy) localFailed(why string) []Action {
+	switch {
+	case p.role == RolePrimary && p.colo && !p.fenced && p.coloLost == "":
+		// The fast path: our primary is dead; the peer's secondary takes over once we let go.
+		return append([]Action{ActKill{Why: why}}, p.handOverActions(HandOverFailed, "primary failed: "+why)...)
+	case p.isPrimary():
+		acts := []Action{ActKill{Why: why}}
+		acts = append(acts, p.release()...)
+		p.role, p.colo, p.fenced, p.why, p.coloLost = RoleFailed, false, false, "the VM is lost: unprotected primary "+why, ""
+		return acts
+	case p.role == RoleJoining || p.role == RoleSecondary:
+		p.role, p.why, p.coloLost = RoleIdle, "secondary "+why, ""
+		return []Action{ActKill{Why: why}}
+	}
+	return nil
+}
+
+func (p *Policy) peerHeard(sentAt int, v PeerView) []Action {
+	if !p.peerEver || sentAt > p.peerSeen {
+		p.peerSeen = sentAt
+	}
+	p.peerEver = true
+	p.peer = v
+	p.peerLostAt = -1
+	if p.role == RoleSecondary || !p.isPrimary() {
+		p.restoreUntil = 0 // an adopted secondary has heard its peer
+	}
+	var acts []Action
+	peerRuns := runsVM(v.Role)
+	if v.Epoch > p.leaseEpoch && peerRuns && p.isPrimary() {
+		// The peer runs the VM under a newer lease than ours: what runs here is stale.
+		acts = append(acts, p.becomeStale(fmt.Sprintf("the peer is primary at epoch %d", v.Epoch))...)
+	}
+	if v.Epoch > p.epoch && peerRuns {
+		if p.isPrimary() {
+			acts = append(acts, p.becomeStale(fmt.Sprintf("the peer is primary at epoch %d", v.Epoch))...)
+		}
+		p.epoch = v.Epoch // a secondary follows its primary's epoch
+	}
+	if p.role == RoleJoining && v.Colo && v.Gen == p.gen && v.Epoch == p.epoch {
+		p.role, p.why = RoleSecondary, ""
+	}
+	if p.role == RoleJoining && v.Epoch == p.epoch && (v.Gen > p.gen || (v.Gen == p.gen && v.Role == RolePrimary && !v.Colo)) {
+		// The protection this secondary was prepared for ended without it.
+		p.role, p.why = RoleIdle, "the primary's protection ended without this secondary"
+		acts = append(acts, ActKill{Why: p.why})
+	}
+	if p.role == RoleSecondary && v.Role == RolePrimary && !v.Colo && v.Gen == p.gen && !v.Fenced {
+		// Our primary runs on without us: this secondary is stale.
+		p.role, p.why, p.coloLost = RoleIdle, "the primary runs without this secondary", ""
+		acts = append(acts, ActKill{Why: p.why})
+	}
+	if p.role == RolePrimary && p.colo && !p.fenced && !v.Colo && v.Gen == p.gen && (v.Role == RoleIdle || v.Role == RoleFailed) && p.suspect < 0 {
+		acts = append(acts, p.goAlone(false, "the secondary is gone")...)
+	}
+	return acts
+}
+
+func (p *Policy) goAlone(yank bool, why string) []Action {
+	p.role, p.why = RoleAlone, why
+	p.failovers++
+	return []Action{ActGoAlone{Yank: yank, Why: why, Rec: p.record(false)}}
+}
+
+// wantsLease reports whether a secondary has reason to take over: it was asked to, its QEMU
+// left COLO, or its primary is gone (frozen, stopped, or unreachable while no checkpoint
+// arrives).
+func (p *Policy) wantsLease() bool {
+	reach := p.PeerReachable()
+	return p.handOver || p.coloLost != "" || p.link == LinkClosed || (reach && p.peer.Fenced) ||
+		(reach && (p.peer.Role == RoleIdle || p.peer.Role == RoleFailed)) ||
+		(p.peerLost() && p.link != LinkActive)
+}
+
+func (p *Policy) tick() []Action {
+	var acts []Action
+	if !p.PeerReachable() && p.peerLostAt < 0 {
+		p.peerLostAt = p.now
+	}
+	if p.acquiring && p.now-p.acquireAt >= p.cfg.AcquireEvery {
+		p.acquiring = false // an answer that never came: ask again when needed
+	}
+	// The store: renew a held lease; the other roles probe it (a secondary's confirmations
+	// depend on it).
+	if p.now >= p.nextRenew {
+		if p.held && !p.renewing {
+			p.renewing, p.nextRenew = true, p.now+p.cfg.RenewEvery
+			acts = append(acts, ActRenew{SentAt: p.now})
+		} else if !p.held && !p.probing && !p.acquiring {
+			p.probing, p.nextRenew = true, p.now+p.cfg.RenewEvery
+			acts = append(acts, ActProbeStore{SentAt: p.now})
+		}
+	}
+	if p.isPrimary() && !p.marked && p.held && p.role != RoleAlone && p.role != RoleTakingOver && p.now%p.cfg.RenewEvery == 0 {
+		acts = append(acts, ActMark{Rec: p.record(p.colo)})
+	}
+	if p.role == RolePrimary && !p.colo && !p.fenced && p.retryIn > 0 && p.PeerReachable() {
+		p.retryIn--
+	}
+	return acts
+}
+
+// decide takes the decisions of the side's role, after every event.
+func (p *Policy) decide() []Action {
+	if p.suspect >= 0 || p.restoring() {
+		// Time jumped, or the side was just adopted: a held lease must be renewed (it is,
+		// by tick), and nothing else is decided until the store answered.
+		if p.isPrimary() && !p.held {
+			return p.tryAcquire()
+		}
+		return nil
+	}
+	var acts []Action
+	reach := p.PeerReachable()
+	switch p.role {
+	case RoleIdle:
+		if p.wantPrimary {
+			acts = append(acts, p.tryAcquire()...)
+		}
+	case RolePrimary:
+		switch {
+		case !p.held:
+			acts = append(acts, p.tryAcquire()...)
+		case p.colo && !p.fenced && p.coloLost != "":
+			acts = append(acts, p.goAlone(false, "COLO ended: "+p.coloLost)...)
+		case p.colo && !p.fenced && p.peerLost() && p.link != LinkActive:
+			acts = append(acts, p.goAlone(p.link != LinkClosed, "the secondary's host is unreachable")...)
+		case !p.colo && !p.fenced && (p.cfg.AutoReprotect || p.reprotectNow) && reach && (p.peer.Role == RoleIdle || p.peer.Role == RoleFailed) && p.peer.Epoch <= p.epoch && p.retryIn <= 0:
+			p.gen = max(p.gen, p.peer.Gen) + 1
+			p.role, p.reprotectNow = RoleProtecting, false
+			acts = append(acts, ActProtect{Gen: p.gen, Epoch: p.epoch})
+		}
+	case RoleSecondary:
+		if p.wantsLease() && p.now-p.lastConfirm >= p.cfg.HeartbeatTimeout {
+			acts = append(acts, p.tryAcquire()...)
+		}
+		// The peer keeps its lease renewed (the same epoch all along) but we cannot reach it,
+		// and no checkpoint arrives: it runs alone by now.
+		if p.peerLost() && p.link != LinkActive && p.storeOK && p.storeHolder.Holder != "" && p.storeHolder.Holder != p.self &&
+			p.peerLostAt >= 0 && p.storeSeen > p.peerLostAt+p.cfg.LeaseTTL && p.now-p.peerLostAt >= p.cfg.StandDownAfter &&
+			p.storeSeen-p.storeSince >= p.cfg.StandDownAfter {
+			p.role, p.why, p.coloLost = RoleIdle, "stood down: the primary keeps its lease but is unreachable", ""
+			acts = append(acts, ActKill{Why: p.why})
+		}
+	case RoleJoining:
+		if !reach {
+			p.role, p.why = RoleIdle, "the primary became unreachable before COLO"
+			acts = append(acts, ActKill{Why: p.why})
+		}
+	}
+	return acts
+}
+
+// coloHolds reports whether COLO itself holds this primary's output: it is in COLO and its
+// migration link is active, so its secondary receives every checkpoint and will not take over
+// while that lasts. Such a primary needs no lease to run on; it freezes only once the link
+// goes quiet or closes (then frames colo-compare does not hold could reach the wire after the
+// peer took over).
+func (p *Policy) coloHolds() bool {
+	return p.colo && p.link == LinkActive && p.coloLost == ""
+}
+
+// enforce freezes a primary that may no longer release output. A side in the middle of a
+// boot, a takeover or a going-alone is not frozen: its sequence would hang on a stopped QEMU
+// and the VM would be lost with it. Those sequences wrote their primary record under the lease
+// first, so no other side can run the VM meanwhile; the freeze comes when they end.
+func (p *Policy) enforce() []Action {
+	if (p.role == RolePrimary || p.role == RoleProtecting) && !p.fenced && !p.mayRun() && !p.restoring() && !p.coloHolds() {
+		p.fenced, p.fencedEpoch = true, p.leaseEpoch
+		p.why = "lease not renewed in time and no confirmation from the secondary"
+		return []Action{ActFreeze{Why: p.why}}
+	}
+	return nil
+}

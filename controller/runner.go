@@ -5,747 +5,677 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lockstepvm/lockstep/checkpoint"
-	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
+	"github.com/lockstepvm/lockstep/coord"
 	"github.com/lockstepvm/lockstep/qmp"
 )
 
-// Status is a pair's status as the API reports it.
-type Status struct {
-	Name           string
-	State          State
-	Reason         string
-	PrimarySide    Side
-	PrimaryHost    string
-	SecondaryHost  string // empty while unprotected
-	Generation     int
-	Failovers      int
-	ColoMode       [2]string // per side: none, primary, secondary, or "" when not running
-	QEMUVersion    string
-	Checkpoints    checkpoint.Stats
-	ResyncOffset   int64
-	ResyncLength   int64
-	Step           *checkpoint.StepEvent // the step running now, if any
-	LastFailover   *FailoverRecord
-	AutoReprotect  bool
-	CheckpointTime time.Duration
-	// Changed is when the state last changed.
-	Changed time.Time
-	// Cluster: the pair spans two hosts, and the fields below say how this host sees it.
-	Cluster        bool
-	Epoch          uint64
-	StoreReachable bool
-	PeerReachable  bool
-	LastHeartbeat  time.Time
-	// Role is this host's role in a pair that spans two hosts.
-	Role HostRole
-}
-
-// FailoverRecord describes the last failover.
-type FailoverRecord struct {
-	At         time.Time
-	Why        string
-	Sequence   string
-	Took       time.Duration
-	FailedStep string
-	Error      string
-	Trigger    pb.FailoverTrigger
-}
-
-// EventKind says what a PairEvent carries.
-type EventKind string
-
-// Kinds of pair events.
-const (
-	EventStatus      EventKind = "status"
-	EventState       EventKind = "state"
-	EventStep        EventKind = "step"
-	EventCheckpoints EventKind = "checkpoints"
-	EventResync      EventKind = "resync"
-	EventFailover    EventKind = "failover"
-)
-
-// Event2 is one event of a pair's watch stream.
-type Event2 struct {
-	Kind     EventKind
-	Time     time.Time
-	Status   *Status               // EventStatus
-	From, To State                 // EventState
-	Reason   string                // EventState
-	Step     *checkpoint.StepEvent // EventStep
-	Stats    *checkpoint.Stats     // EventCheckpoints
-	Resync   [2]int64              // EventResync: offset, length
-	Failover *FailoverRecord       // EventFailover
-}
-
-// internal is an event for the runner with what the policy must not see (the VM a worker
-// started, the side a signal came from, which VM it was about).
-type internal struct {
-	ev   Event
-	vm   *checkpoint.VM
-	side Side
-	from *checkpoint.VM // for signals: the VM that raised it; stale ones are dropped
-	gen  *checkpoint.Generation
-	rec  *FailoverRecord
-}
-
-type opRequest struct {
-	ev    Event
-	reply chan error
-}
-
+// runner owns one side of one pair in this agent: its policy, its QEMU, its lease, its copy of
+// the migration connection. One goroutine (run) steps the policy and owns all of that state
+// (etcd raft's node.go is the model: one select loop); the goroutines it starts are owned by it
+// and stopped when it returns:
+//   - the io goroutine runs store and peer requests in order (ioQueue, which never drops one);
+//   - one worker at a time runs a long action (boot, protect, prepare, takeover, going alone)
+//     and posts its result;
+//   - each VM has a watcher that posts its failure signals;
+//   - a heartbeat in flight posts its reply;
+//   - the observer of a protected primary counts its checkpoints.
 type runner struct {
-	name   string
-	pc     PairConfig
-	dir    string
-	agent  *Agent
-	log    *slog.Logger
-	policy *Policy
+	a       *Agent
+	name    string
+	side    Side
+	holder  string // the lease holder name of this side: host:side
+	// peerLocal: the pair's other side runs in this agent too.
+	peerLocal bool
+	dir     string // the side's runtime folder (QMP socket, pid file, logs, side.json)
+	log     *slog.Logger
+	view    *pairView
+	link    PeerLink
+	backend checkpoint.Backend
+	pcp     atomic.Pointer[PairConfig] // the pair's config; replaced, never changed
+	store   storeIO
+	io      *ioQueue
+	metrics *pairMetrics
 
-	// Owned by the run goroutine.
-	vms      [2]*checkpoint.VM
-	watchers [2]context.CancelFunc
-	worker   context.CancelFunc
-	workerWG sync.WaitGroup
-	gen      checkpoint.Generation
+	inbox chan any      // results and signals for the run goroutine
+	calls chan call     // API and peer requests, answered by the run goroutine
+	specs chan struct{} // a new config is in pcp's successor slot
+	next  atomic.Pointer[PairConfig]
+	stopc chan chan struct{}
+	quit  chan struct{} // closed when the loop starts to stop: nothing is posted any more
+	done  chan struct{}
 
-	events   chan internal
-	requests chan opRequest
-	stopReq  chan chan struct{}
-	done     chan struct{} // closed when run returns
+	hbInFlight atomic.Bool
+	lastHB     atomic.Int64 // unix nanoseconds of the last successful heartbeat exchange
+	epochNow   atomic.Uint64
 
-	pairView            // status, watch streams, the observer (under pairView.mu)
-	pcSnap   PairConfig // copy of pc for readers outside the run goroutine (under mu)
-	metrics  *pairMetrics
+	// Owned by run.
+	pol         *Policy
+	vm          *checkpoint.VM
+	vmCancel    context.CancelFunc
+	held        coord.Held
+	gen         checkpoint.Generation
+	wasSecond   bool // the VM took over from a secondary: protect it with Reprotect
+	worker      context.CancelFunc
+	workerWG    sync.WaitGroup
+	prepared    *prepared
+	migLink     *os.File // this agent's copy of the migration connection
+	obs         *checkpoint.Observer
+	obsStop     func()
+	pendingPrep *pendingPrepare
+	lastTick    time.Time
+	handedOver  *handOverNote
+	saved       sideState
+	lastRole    Role
 }
 
-func (a *Agent) newRunner(pc PairConfig, p *Policy) *runner {
-	pc.Spec = pc.Spec.WithDefaults()
-	r := &runner{
-		name: pc.Spec.Name, pc: pc, dir: a.pairDir(pc.Spec.Name), agent: a,
-		log: a.log.With("pair", pc.Spec.Name), policy: p,
-		events: make(chan internal, 64), requests: make(chan opRequest), stopReq: make(chan chan struct{}), done: make(chan struct{}),
-		pairView: newPairView(Status{Name: pc.Spec.Name, State: StateStopped, AutoReprotect: !pc.NoAutoReprotect}),
-	}
-	r.pcSnap = pc
-	r.metrics = newPairMetrics()
-	return r
+// call is a request the run goroutine answers.
+type call struct {
+	ev    Event
+	prep  *PrepareArgs // with PrepareRequest
+	param bool         // a request for the protected primary's QEMU and config
+	reply chan callReply
 }
 
-// side returns the checkpoint.Side of s: its runtime folder, disk and overlays.
-func (r *runner) side(s Side) checkpoint.Side {
-	sc := r.pc.Sides[s]
-	ov := filepath.Join(r.agent.cfg.OverlayDir, r.name, s.String())
-	return checkpoint.Side{
-		Host: sc.Host, RunDir: filepath.Join(r.dir, s.String()), Disk: sc.Disk,
-		Active: filepath.Join(ov, "active.qcow2"), Hidden: filepath.Join(ov, "hidden.qcow2"),
-		NetSocket: sc.NetSocket,
-	}
+type callReply struct {
+	err  error
+	view PeerView            // for PeerRequest
+	prep chan prepareResult  // for PrepareRequest
+	vm   *checkpoint.VM      // for param
+	pc   PairConfig          // for param
 }
 
-// request hands an operator event to the runner and waits for the policy's answer.
-func (r *runner) request(ev Event) error {
-	reply := make(chan error, 1)
-	select {
-	case r.requests <- opRequest{ev: ev, reply: reply}:
-	case <-r.agent.ctx.Done():
-		return errors.New("agent stopping")
-	}
-	return <-reply
+type pendingPrepare struct {
+	args PrepareArgs
+	res  chan prepareResult
 }
 
-// stop ends the runner (its QEMUs are left as the policy left them).
-func (r *runner) stop() {
-	done := make(chan struct{})
-	select {
-	case r.stopReq <- done:
-		<-done
-	case <-r.agent.ctx.Done():
-	}
+type prepareResult struct {
+	res PrepareResult
+	err error
 }
 
-func (r *runner) send(ctx context.Context, in internal) {
-	select {
-	case r.events <- in:
-	case <-ctx.Done():
-	}
+// handOverNote remembers a hand-over this side asked for, to record the failover when the
+// peer (of another host) is seen running the VM.
+type handOverNote struct {
+	at    time.Time
+	kind  HandOverKind
+	why   string
+	epoch uint64
 }
 
-func (r *runner) run(ctx context.Context) {
-	tick := time.NewTicker(TickInterval)
-	defer tick.Stop()
-	statsTick := time.NewTicker(time.Second)
-	defer statsTick.Stop()
-	// Watch the adopted VMs.
-	for s, vm := range r.vms {
-		if vm != nil {
-			r.watchVM(ctx, Side(s), vm)
-		}
+// Inbox messages that are not policy events.
+type (
+	// result is a worker's end: the policy's event and what the runner takes over.
+	result struct {
+		ev        Event
+		vm        *checkpoint.VM
+		gen       *checkpoint.Generation
+		prepared  *prepared
+		prep      chan prepareResult
+		prepRes   PrepareResult
+		wasSecond bool
+		link      *os.File
+		observe   *observerStart
 	}
-	if r.policy.State() == StateProtected && r.vms[r.policy.Primary()] != nil {
-		r.startObserver(r.vms[r.policy.Primary()], nil)
+	// leaseGot carries a granted lease with the policy's event.
+	leaseGot struct {
+		held coord.Held
+		ev   Event
 	}
-	r.publish("")
-	defer close(r.done)
-	defer func() {
-		if r.worker != nil {
-			r.worker()
-		}
-		r.workerWG.Wait()
-		r.stopObserver()
-		for s := range r.vms {
-			if r.watchers[s] != nil {
-				r.watchers[s]()
-			}
-			if r.vms[s] != nil {
-				r.vms[s].Release()
-			}
-		}
-		r.closeWatchers()
-	}()
-	for {
-		var reason string
-		select {
-		case <-ctx.Done():
-			return
-		case done := <-r.stopReq:
-			defer close(done)
-			return
-		case req := <-r.requests:
-			if pe, ok := req.ev.(paramsEvent); ok {
-				req.reply <- nil
-				pe.errc <- r.applyParams(ctx, pe.spec)
-				continue
-			}
-			acts, err := r.policy.Step(req.ev)
-			req.reply <- err
-			if err != nil {
-				continue
-			}
-			r.exec(ctx, acts)
-			reason = fmt.Sprintf("%T", req.ev)
-		case in := <-r.events:
-			if in.from != nil && r.current(in.side) != in.from {
-				continue // about a VM that is gone already
-			}
-			if in.vm != nil {
-				r.vms[in.side] = in.vm
-				r.watchVM(ctx, in.side, in.vm)
-			}
-			if in.gen != nil {
-				r.gen = *in.gen
-			}
-			if in.rec != nil {
-				r.mu.Lock()
-				r.snap.LastFailover = in.rec
-				r.mu.Unlock()
-				r.broadcast(Event2{Kind: EventFailover, Time: time.Now(), Failover: in.rec})
-			}
-			acts, _ := r.policy.Step(in.ev)
-			r.exec(ctx, acts)
-			r.dropUnneeded()
-		case <-tick.C:
-			acts, _ := r.policy.Step(EvTick{})
-			r.exec(ctx, acts)
-		case <-statsTick.C:
-			r.publishStats()
-		}
-		r.publish(reason)
-		r.persist()
+	// vmSignal is a failure signal of the side's QEMU.
+	vmSignal struct {
+		vm     *checkpoint.VM
+		kind   checkpoint.SignalKind
+		reason qmp.ColoExitReason
 	}
-}
-
-func (r *runner) current(s Side) *checkpoint.VM { return r.vms[s] }
-
-// dropUnneeded kills QEMUs the policy no longer counts on (a worker's VM that arrived after
-// the pair moved on).
-func (r *runner) dropUnneeded() {
-	st := r.policy.State()
-	for s := range r.vms {
-		side := Side(s)
-		if r.vms[s] == nil {
-			continue
-		}
-		needed := st != StateStopped && st != StateFailed &&
-			(side == r.policy.Primary() || r.policy.HasSecondary())
-		if !needed {
-			r.kill(side, "no longer part of the pair")
-		}
-	}
-}
-
-func (r *runner) kill(s Side, why string) {
-	if r.watchers[s] != nil {
-		r.watchers[s]()
-		r.watchers[s] = nil
-	}
-	if vm := r.vms[s]; vm != nil {
-		r.log.Info("killing QEMU", "side", s, "pid", vm.PID(), "why", why)
-		vm.Kill()
-		r.vms[s] = nil
-	}
-	if s == r.policy.Primary() {
-		r.stopObserver()
-	}
-}
-
-func (r *runner) watchVM(ctx context.Context, s Side, vm *checkpoint.VM) {
-	if r.watchers[s] != nil {
-		r.watchers[s]()
-	}
-	wctx, cancel := context.WithCancel(ctx)
-	r.watchers[s] = cancel
-	sigs := make(chan checkpoint.Signal, 8)
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); checkpoint.Watch(wctx, vm, r.agent.cfg.Watch, sigs) }()
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case sg := <-sigs:
-				kind, ok := signalKind(sg)
-				if !ok {
-					continue
-				}
-				r.log.Warn("failure signal", "side", s, "signal", sg.String())
-				r.send(wctx, internal{ev: EvSignal{Side: s, Kind: kind}, side: s, from: vm})
-			case <-wctx.Done():
-				return
-			}
-		}
-	}()
-	r.workerWG.Add(1)
-	go func() { defer r.workerWG.Done(); <-wctx.Done(); wg.Wait() }()
-}
-
-func signalKind(s checkpoint.Signal) (SignalKind, bool) {
-	switch s.Kind {
-	case checkpoint.SignalProcessExited:
-		return SigExited, true
-	case checkpoint.SignalQMPLost:
-		return SigQMPLost, true
-	case checkpoint.SignalQMPTimeout:
-		return SigQMPTimeout, true
-	case checkpoint.SignalColoExit:
-		if s.Reason == qmp.ColoExitError {
-			return SigColoExitError, true
-		}
-	case checkpoint.SignalMigrationFailed:
-		return SigMigrationFailed, true
-	}
-	return "", false
-}
-
-// exec carries out the policy's actions: kills at once, long actions on a worker goroutine
-// that reports its end as an event.
-func (r *runner) exec(ctx context.Context, acts []Action) {
-	for _, a := range acts {
-		r.log.Info("action", "action", fmt.Sprintf("%T%+v", a, a))
-		switch a := a.(type) {
-		case ActKill:
-			r.kill(a.Side, a.Reason)
-		case ActBoot:
-			r.spawn(ctx, func(wctx context.Context) internal { return r.boot(wctx, a.Side) })
-		case ActProtect:
-			r.spawn(ctx, func(wctx context.Context) internal { return r.protect(wctx, a) })
-		case ActFailoverAsSecondary:
-			vm, why, gen := r.vms[a.Side], r.policy.Reason(), r.gen
-			_ = gen
-			r.stopObserver()
-			r.spawn(ctx, func(wctx context.Context) internal {
-				in := r.failover(wctx, a.Side, why, checkpoint.FailoverAsSecondary(vm.QMP, a.Yank))
-				if strings.HasPrefix(why, "forced") {
-					in.rec.Trigger = pb.FailoverTrigger_FAILOVER_TRIGGER_FORCED
-				}
-				return in
-			})
-		case ActFailoverAsPrimary:
-			vm, why, gen := r.vms[a.Side], r.policy.Reason(), r.gen
-			r.stopObserver()
-			r.spawn(ctx, func(wctx context.Context) internal {
-				return r.failover(wctx, a.Side, why, checkpoint.FailoverAsPrimary(vm.QMP, gen))
-			})
-		case ActSwitchover:
-			prim, sec := r.vms[a.From], r.vms[a.From.Other()]
-			r.stopObserver()
-			r.spawn(ctx, func(wctx context.Context) internal { return r.switchover(wctx, a.From, prim, sec) })
-		}
-	}
-}
-
-// spawn runs one long action; the previous one, if any, is cancelled first.
-func (r *runner) spawn(ctx context.Context, f func(context.Context) internal) {
-	spawnLong(&r.worker, &r.workerWG, ctx, f, r.send)
-}
-
-func (r *runner) boot(ctx context.Context, s Side) internal {
-	vm, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RolePrimary, Side: r.side(s), Log: r.log})
-	if err != nil {
-		return internal{ev: EvBootFailed{Err: err.Error()}}
-	}
-	return internal{ev: EvBooted{Side: s}, vm: vm, side: s}
-}
-
-// freeTCPPorts reserves n distinct free ports on host (closed again before use).
-func freeTCPPorts(host string, n int) ([]int, error) {
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	var out []int
-	for i := 0; i < n; i++ {
-		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, l)
-		out = append(out, l.Addr().(*net.TCPAddr).Port)
-	}
-	return out, nil
-}
-
-func (r *runner) protect(ctx context.Context, a ActProtect) internal {
-	fail := func(err error) internal {
-		return internal{ev: EvProtectFailed{Gen: a.Gen, Err: err.Error()}}
-	}
-	prim := r.vms[a.Primary]
-	if prim == nil {
-		return fail(errors.New("no primary QEMU"))
-	}
-	if !a.Reprotect {
-		if err := settleBoot(ctx, r.log, r.progress, r.pc.Spec, prim.Started(), prim.Exited()); err != nil {
-			return fail(err)
-		}
-	}
-	secSide := a.Primary.Other()
-	ps, ss := r.side(a.Primary), r.side(secSide)
-	ports, err := freeTCPPorts(ps.Host, 5)
-	if err != nil {
-		return fail(err)
-	}
-	g := checkpoint.Generation{N: a.Gen, PrimaryHost: ps.Host, SecondaryHost: ss.Host,
-		Ports: checkpoint.Ports{NBD: ports[0], Mirror: ports[1], Compare: ports[2], CompareIn: ports[3], CompareOut: ports[4]}}
-	// The secondary's replica: same size as the VM's disk; the resync fills it.
-	if err := ensureDisk(ss.Disk, r.pc.Spec.DiskSize); err != nil {
-		return fail(err)
-	}
-	if err := os.MkdirAll(filepath.Dir(ss.Active), 0o700); err != nil {
-		return fail(err)
-	}
-	sec, err := checkpoint.Launch(ctx, checkpoint.LaunchConfig{Spec: r.pc.Spec, Role: checkpoint.RoleSecondary, Side: ss, PrimaryHost: ps.Host, Ports: g.Ports, Log: r.log})
-	if err != nil {
-		return fail(err)
-	}
-	link, err := net.Listen("tcp", net.JoinHostPort(ss.Host, "0"))
-	if err != nil {
-		sec.Kill()
-		return fail(err)
-	}
-	defer link.Close()
-	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
-	cfg := checkpoint.ProtectConfig{
-		Spec: r.pc.Spec, Gen: g, Primary: prim.QMP, Secondary: sec.QMP,
-		DialMigration:   dialLink(link.Addr().String(), obs),
-		AcceptMigration: acceptLink(link),
-		OnResync:        r.resync,
-	}
-	sub, err := runProtection(ctx, r.log, r.progress, cfg, obs, a.Reprotect)
-	if err != nil {
-		sec.Kill()
-		return fail(err)
-	}
-	r.startObserver(prim, &observerStart{obs: obs, sub: sub})
-	return internal{ev: EvProtected{Gen: a.Gen}, vm: sec, side: secSide, gen: &g}
-}
+)
 
 type observerStart struct {
 	obs *checkpoint.Observer
 	sub *qmp.Subscription
 }
 
-// startObserver runs the checkpoint observer of the primary. It may run on a worker: the
-// observer is published under r.mu.
-func (r *runner) startObserver(prim *checkpoint.VM, os *observerStart) {
-	obs := checkpoint.NewObserver(r.pc.Spec.Tunables.CheckpointDelay)
-	var sub *qmp.Subscription
-	if os != nil {
-		obs, sub = os.obs, os.sub
-	} else {
-		sub = prim.QMP.Subscribe(checkpoint.ObserverEvents...)
-		obs.Observe(&qmp.Event{Name: qmp.EventMigration, Data: []byte(`{"status":"colo"}`), Time: time.Now()})
+func newRunner(a *Agent, pc PairConfig, side Side, view *pairView, link PeerLink, backend checkpoint.Backend) *runner {
+	holder := pc.Sides[side].Agent + ":" + side.String()
+	r := &runner{
+		a: a, name: pc.Spec.Name, side: side, holder: holder,
+		dir: filepath.Join(a.cfg.StateDir, pc.Spec.Name, side.String()),
+		log: a.log.With("pair", pc.Spec.Name, "side", side.String()), view: view, link: link, backend: backend,
+		store: storeIO{st: a.cfg.Store, pair: pc.Spec.Name, holder: holder, ttl: a.cfg.LeaseTTL,
+			timeout: a.cfg.HeartbeatTimeout, probe: min(a.cfg.HeartbeatTimeout, a.cfg.LeaseTTL/4)},
+		io: newIOQueue(), metrics: newPairMetrics(),
+		inbox: make(chan any, 64), calls: make(chan call), specs: make(chan struct{}, 1),
+		stopc: make(chan chan struct{}), quit: make(chan struct{}), done: make(chan struct{}),
 	}
-	obs.OnCheckpoint(r.metrics.checkpoint)
-	r.runObserver(obs, sub)
+	r.pcp.Store(&pc)
+	return r
 }
 
-// runProtection runs the primary's protection sequence (Reprotect after a takeover, else
-// StartProtection) with obs's subscription to the primary's events opened first, so that no
-// checkpoint goes unseen. On failure it closes both and cleans the primary (abortProtection);
-// on success the caller runs obs over the subscription.
-func runProtection(ctx context.Context, lg *slog.Logger, progress checkpoint.Progress, cfg checkpoint.ProtectConfig, obs *checkpoint.Observer, reprotect bool) (*qmp.Subscription, error) {
-	seq := checkpoint.StartProtection(cfg)
-	if reprotect {
-		seq = checkpoint.Reprotect(cfg)
-	}
-	sub := cfg.Primary.Subscribe(checkpoint.ObserverEvents...)
-	if _, err := seq.Run(ctx, lg, progress); err != nil {
-		sub.Close()
-		obs.Close()
-		abortProtection(lg, cfg.Primary, cfg.Gen, progress)
-		return nil, err
-	}
-	return sub, nil
+// config is the pair's config, safe from any goroutine.
+func (r *runner) config() PairConfig { return *r.pcp.Load() }
+
+func (r *runner) epoch() uint64 { return r.epochNow.Load() }
+
+// localSide is this side's checkpoint.Side: runtime folder, disk, overlays.
+func (r *runner) localSide() checkpoint.Side {
+	sc := r.config().Sides[r.side]
+	ov := filepath.Join(r.a.cfg.OverlayDir, r.name, r.side.String())
+	return checkpoint.Side{Host: sc.Host, RunDir: r.dir, Disk: sc.Disk,
+		Active: filepath.Join(ov, "active.qcow2"), Hidden: filepath.Join(ov, "hidden.qcow2"), NetSocket: sc.NetSocket}
 }
 
-// abortProtection cleans a primary after a failed protection, so that the next attempt can
-// add the same channels and objects again. It runs even when the worker was cancelled.
-func abortProtection(lg *slog.Logger, p *qmp.Client, g checkpoint.Generation, progress checkpoint.Progress) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	seq := checkpoint.AbortProtection(p, g)
-	if info, err := p.QueryMigrate(ctx); err == nil && info.Status == qmp.MigrationColo {
-		// It failed after COLO started (its last check): COLO must end too.
-		seq = checkpoint.FailoverAsPrimary(p, g)
-	}
-	if _, err := seq.Run(ctx, lg, progress); err != nil {
-		lg.Error("cleaning up after a failed protection", "err", err)
-	}
-}
-
-// dialLink opens the migration connection to addr; the observer keeps a copy of the socket to
-// read TCP_INFO (bytes per checkpoint).
-func dialLink(addr string, obs *checkpoint.Observer) func(context.Context) (*os.File, error) {
-	return func(ctx context.Context) (*os.File, error) {
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", addr)
-		if err != nil {
-			return nil, err
-		}
-		defer c.Close()
-		f, err := c.(*net.TCPConn).File()
-		if err != nil {
-			return nil, err
-		}
-		if dup, err := c.(*net.TCPConn).File(); err == nil {
-			obs.SetMigrationSocket(dup)
-		}
-		return f, nil
-	}
-}
-
-func acceptLink(ln net.Listener) func(context.Context) (*os.File, error) {
-	return func(ctx context.Context) (*os.File, error) {
-		if tl, ok := ln.(*net.TCPListener); ok {
-			if d, ok := ctx.Deadline(); ok {
-				tl.SetDeadline(d)
-			}
-		}
-		c, err := ln.Accept()
-		if err != nil {
-			return nil, err
-		}
-		defer c.Close()
-		return c.(*net.TCPConn).File()
-	}
-}
-
-func ensureDisk(path string, size int64) error {
-	if st, err := os.Stat(path); err == nil && st.Size() == size {
-		return nil
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Truncate(size)
-}
-
-func (r *runner) failover(ctx context.Context, survivor Side, why string, seq checkpoint.Sequence) internal {
-	t0 := time.Now()
-	took, err := seq.Run(ctx, r.log, r.progress)
-	rec := &FailoverRecord{At: t0, Why: why, Sequence: seq.Name, Took: took, Trigger: pb.FailoverTrigger_FAILOVER_TRIGGER_AUTOMATIC}
-	if err != nil {
-		var se *checkpoint.StepError
-		if errors.As(err, &se) {
-			rec.FailedStep = se.Step
-		}
-		rec.Error = err.Error()
-		return internal{ev: EvFailoverFailed{Survivor: survivor, Err: err.Error()}, rec: rec}
-	}
-	return internal{ev: EvFailoverDone{Survivor: survivor}, rec: rec}
-}
-
-// switchover moves the VM to the secondary: a checkpoint flushes everything colo-compare holds,
-// the old primary is killed right after it, and the secondary fails over.
-func (r *runner) switchover(ctx context.Context, from Side, prim, sec *checkpoint.VM) internal {
-	t0 := time.Now()
-	sub := prim.QMP.Subscribe(qmp.EventResume)
-	delay := uint32(r.pc.Spec.Tunables.CheckpointDelay / time.Millisecond)
-	// Setting the delay during COLO starts a checkpoint at once.
-	if err := prim.QMP.MigrateSetParameters(ctx, qmp.MigrationParameters{XCheckpointDelay: &delay}); err == nil {
-		wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		_, _ = sub.Next(wctx)
-		cancel()
-	}
-	sub.Close()
-	prim.Kill()
-	in := r.failover(ctx, from.Other(), "planned switchover", checkpoint.FailoverAsSecondary(sec.QMP, false))
-	in.rec.At, in.rec.Took, in.rec.Trigger = t0, time.Since(t0), pb.FailoverTrigger_FAILOVER_TRIGGER_PLANNED
-	return in
-}
-
-func (r *runner) setParameters(ctx context.Context, t checkpoint.Tunables) error {
-	st := r.status()
-	if st.State != StateProtected {
-		return fmt.Errorf("set parameters: pair is %s; parameters apply to a protected pair: %w", st.State, ErrWrongState)
-	}
-	spec, err := mergeTunables(r.pc.Spec, t)
-	if err != nil {
-		return err
-	}
-	errc := make(chan error, 1)
-	// Run on the runner's goroutine, which owns the VMs.
-	reply := make(chan error, 1)
+// do hands a request to the run goroutine and waits for its answer.
+func (r *runner) do(ctx context.Context, c call) (callReply, error) {
+	c.reply = make(chan callReply, 1)
 	select {
-	case r.requests <- opRequest{ev: paramsEvent{spec: spec, errc: errc}, reply: reply}:
+	case r.calls <- c:
+	case <-r.done:
+		return callReply{}, fmt.Errorf("pair %q: its runner stopped: %w", r.name, ErrNotFound)
 	case <-ctx.Done():
-		return ctx.Err()
+		return callReply{}, ctx.Err()
 	}
-	if err := <-reply; err != nil {
-		return err
+	select {
+	case rep := <-c.reply:
+		return rep, rep.err
+	case <-r.done:
+		return callReply{}, fmt.Errorf("pair %q: its runner stopped: %w", r.name, ErrNotFound)
 	}
-	return <-errc
 }
 
-// applyParams sets the tunables on the primary's QEMU (the runner's goroutine owns the VMs).
-func (r *runner) applyParams(ctx context.Context, spec checkpoint.Spec) error {
-	prim := r.vms[r.policy.Primary()]
-	if prim == nil || r.policy.State() != StateProtected {
-		return fmt.Errorf("set parameters: pair is %s: %w", r.policy.State(), ErrWrongState)
+func (r *runner) request(ctx context.Context, ev Event) error {
+	_, err := r.do(ctx, call{ev: ev})
+	return err
+}
+
+// stop ends the runner; its QEMU runs on (a successor adopts it).
+func (r *runner) stop() {
+	done := make(chan struct{})
+	select {
+	case r.stopc <- done:
+		<-done
+	case <-r.done:
 	}
-	if err := applyTunables(ctx, prim.QMP, spec); err != nil {
-		return err
+}
+
+// post hands a message to the run goroutine; it gives up when ctx ends (the runner stops).
+func (r *runner) post(ctx context.Context, m any) {
+	select {
+	case r.inbox <- m:
+	case <-ctx.Done():
+	case <-r.quit:
 	}
-	r.pc.Spec = spec
-	r.mu.Lock()
-	r.pcSnap = r.pc
+}
+
+// updateConfig brings a new config of the pair (tunables changed at run time, here or on the
+// peer's agent through the store) to the run goroutine. Only the newest counts, so a slow
+// runner coalesces updates instead of dropping any.
+func (r *runner) updateConfig(pc PairConfig) {
+	r.next.Store(&pc)
+	select {
+	case r.specs <- struct{}{}:
+	default:
+	}
+}
+
+// Peer requests: the peer's agent (in this process, or over PeerService) calls these.
+
+func (r *runner) peerHeartbeat(ctx context.Context, v PeerView) (PeerView, error) {
+	rep, err := r.do(ctx, call{ev: PeerRequest{View: v}})
+	return rep.view, err
+}
+
+func (r *runner) peerPrepare(ctx context.Context, a PrepareArgs) (PrepareResult, error) {
+	rep, err := r.do(ctx, call{ev: PrepareRequest{Gen: a.Gen, Epoch: a.Epoch}, prep: &a})
+	if err != nil {
+		return PrepareResult{}, err
+	}
+	select {
+	case res := <-rep.prep:
+		return res.res, res.err
+	case <-ctx.Done():
+		return PrepareResult{}, ctx.Err()
+	case <-r.done:
+		return PrepareResult{}, errors.New("the pair's runner stopped")
+	}
+}
+
+func (r *runner) peerTearDown(ctx context.Context, epoch uint64, gen int) error {
+	return r.request(ctx, TearDownRequest{Gen: gen})
+}
+
+func (r *runner) peerHandOver(ctx context.Context, epoch uint64, kind HandOverKind, why string) error {
+	return r.request(ctx, HandOverRequest{Epoch: epoch, Kind: kind, Why: why})
+}
+
+func (r *runner) policyConfig() Config {
+	return r.a.cfg.policyConfig(!r.config().NoAutoReprotect)
+}
+
+// abandon stops what start began for a runner whose loop never runs; its QEMU runs on.
+func (r *runner) abandon() {
+	close(r.quit)
+	r.release()
+	close(r.done)
+}
+
+// release stops the runner's goroutines and lets go of its QEMU without stopping it.
+func (r *runner) release() {
+	if r.worker != nil {
+		r.worker()
+	}
+	r.stopObserver()
+	if r.vmCancel != nil {
+		r.vmCancel()
+	}
+	r.workerWG.Wait()
+	if r.prepared != nil {
+		r.prepared.cancel()
+	}
+	r.workerWG.Wait()
+	if r.migLink != nil {
+		r.migLink.Close()
+	}
+	if r.vm != nil {
+		r.vm.Release()
+	}
+}
+
+// run is the runner's loop.
+func (r *runner) run(ctx context.Context) {
+	defer close(r.done)
+	ioctx, iocancel := context.WithCancel(ctx)
+	var iowg sync.WaitGroup
+	iowg.Add(1)
+	go func() { defer iowg.Done(); r.io.run(ioctx) }()
+	defer func() {
+		close(r.quit)
+		if r.worker != nil {
+			r.worker()
+		}
+		iocancel()
+		iowg.Wait()
+		r.release()
+	}()
+	tick := time.NewTicker(r.a.cfg.Tick)
+	defer tick.Stop()
+	hb := time.NewTicker(r.a.cfg.HeartbeatInterval)
+	defer hb.Stop()
+	statsTick := time.NewTicker(time.Second)
+	defer statsTick.Stop()
+	r.lastTick = time.Now()
+	r.publish(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case done := <-r.stopc:
+			defer close(done)
+			return
+		case now := <-tick.C:
+			// Ticks the loop missed (it was busy, or the process was stopped) advance logical
+			// time too: lease deadlines pass as they did in the store.
+			n := max(1, int(now.Sub(r.lastTick)/r.a.cfg.Tick))
+			r.lastTick = r.lastTick.Add(time.Duration(n) * r.a.cfg.Tick)
+			if n > 2 {
+				r.log.Warn("the agent missed ticks: its time jumped", "ticks", n)
+			}
+			r.step(ctx, Tick{N: n, Link: r.linkState()})
+		case <-hb.C:
+			r.heartbeat(ctx)
+		case <-statsTick.C:
+			r.publishStats()
+		case <-r.specs:
+			if pc := r.next.Swap(nil); pc != nil {
+				r.setConfig(*pc)
+			}
+		case c := <-r.calls:
+			r.answer(ctx, c)
+		case m := <-r.inbox:
+			r.handle(ctx, m)
+		}
+		r.publish(ctx)
+	}
+}
+
+// setConfig takes a new config of the pair: the next protection uses its tunables, and the
+// observer rates checkpoints against its delay.
+func (r *runner) setConfig(pc PairConfig) {
+	cur := r.config()
+	cur.Spec.Tunables = pc.Spec.WithDefaults().Tunables
+	cur.NoAutoReprotect = pc.NoAutoReprotect
+	r.pcp.Store(&cur)
+	r.view.setConfig(cur)
 	if r.obs != nil {
-		r.obs.SetDelay(spec.Tunables.CheckpointDelay)
+		r.obs.SetDelay(cur.Spec.Tunables.CheckpointDelay)
 	}
-	r.mu.Unlock()
-	if err := r.agent.storePair(r.pc, false); err != nil {
-		r.log.Error("saving the pair's new tunables in the coordination store", "err", err)
-	}
-	if err := writeJSON(filepath.Join(r.dir, "pair.json"), r.pc); err != nil {
-		r.log.Error("saving the pair", "err", err)
-	}
-	return nil
 }
 
-// mergeTunables applies the run-time changes in t (its non-zero fields) to spec; the compare
-// timeout cannot change at run time.
-func mergeTunables(spec checkpoint.Spec, t checkpoint.Tunables) (checkpoint.Spec, error) {
-	if t.CheckpointDelay != 0 {
-		spec.Tunables.CheckpointDelay = t.CheckpointDelay
+func (r *runner) answer(ctx context.Context, c call) {
+	if c.param {
+		c.reply <- r.paramsTarget()
+		return
 	}
-	if t.MaxBandwidth != 0 {
-		spec.Tunables.MaxBandwidth = t.MaxBandwidth
-	}
-	if t.CompareTimeout != 0 {
-		return spec, &checkpoint.FieldError{Field: "compare_timeout", Reason: "takes effect at the next protection only; not changeable at run time"}
-	}
-	if err := spec.Validate(); err != nil {
-		return spec, err
-	}
-	return spec, nil
-}
-
-// applyTunables sets the run-time tunables of spec on a protected primary's QEMU: the checkpoint
-// delay (effective at once) and the bandwidth cap.
-func applyTunables(ctx context.Context, q *qmp.Client, spec checkpoint.Spec) error {
-	delay := uint32(spec.Tunables.CheckpointDelay / time.Millisecond)
-	p := qmp.MigrationParameters{XCheckpointDelay: &delay}
-	if spec.Tunables.MaxBandwidth > 0 {
-		bw := spec.Tunables.MaxBandwidth
-		p.MaxBandwidth = &bw
-	}
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	return q.MigrateSetParameters(cctx, p)
-}
-
-// paramsEvent is handled by the runner itself, not the policy.
-type paramsEvent struct {
-	spec checkpoint.Spec
-	errc chan error
-}
-
-func (paramsEvent) isEvent() {}
-
-// publish refreshes the status snapshot from the policy and tells watchers of a state change.
-func (r *runner) publish(reason string) {
-	p := r.policy
-	r.mu.Lock()
-	old := r.snap.State
-	s := &r.snap
-	s.State, s.Reason, s.PrimarySide, s.Generation, s.Failovers = p.State(), p.Reason(), p.Primary(), p.Generation(), p.Failovers()
-	s.PrimaryHost = r.pc.Sides[p.Primary()].Host
-	s.SecondaryHost = ""
-	if p.HasSecondary() {
-		s.SecondaryHost = r.pc.Sides[p.Primary().Other()].Host
-	}
-	s.CheckpointTime = r.pc.Spec.Tunables.CheckpointDelay
-	for i := range s.ColoMode {
-		s.ColoMode[i] = ""
-		if r.vms[i] != nil {
-			if Side(i) == p.Primary() {
-				s.ColoMode[i] = "primary"
-			} else {
-				s.ColoMode[i] = "secondary"
-			}
-			if p.State() != StateProtected {
-				s.ColoMode[i] = "none"
-			}
+	acts, err := r.pol.Step(c.ev)
+	rep := callReply{err: err}
+	switch e := c.ev.(type) {
+	case PeerRequest:
+		if err == nil {
+			rep.view = r.pol.Reply(e.View)
+		}
+	case PrepareRequest:
+		if err == nil {
+			r.pendingPrep = &pendingPrepare{args: *c.prep, res: make(chan prepareResult, 1)}
+			rep.prep = r.pendingPrep.res
 		}
 	}
-	if p.State() != StateProtected {
-		s.Checkpoints = checkpoint.Stats{}
+	c.reply <- rep
+	if err != nil {
+		r.log.Info("request refused", "request", fmt.Sprintf("%T", c.ev), "err", err)
+		return
 	}
-	changed := old != s.State
-	if changed {
-		s.Changed = time.Now()
-	}
-	from, to, why := old, s.State, s.Reason
-	r.mu.Unlock()
-	if changed {
-		r.log.Info("state", "from", from, "to", to, "reason", why)
-		r.broadcast(Event2{Kind: EventState, Time: time.Now(), From: from, To: to, Reason: why})
-	}
-	_ = reason
+	r.exec(ctx, acts)
 }
 
-func (r *runner) persist() {
-	p := r.policy
-	ps := persisted{Primary: p.Primary(), Gen: p.Generation(), Protected: p.State() == StateProtected, Started: p.State() != StateStopped}
-	if err := writeJSON(filepath.Join(r.dir, "state.json"), ps); err != nil && !strings.Contains(err.Error(), "no such file") {
-		r.log.Error("saving state", "err", err)
+func (r *runner) handle(ctx context.Context, m any) {
+	switch e := m.(type) {
+	case vmSignal:
+		if e.vm != r.vm {
+			return // about a VM that is gone already
+		}
+		switch e.kind {
+		case checkpoint.SignalProcessExited, checkpoint.SignalQMPLost:
+			r.log.Warn("local QEMU failure", "signal", e.kind)
+			r.step(ctx, LocalFailed{Why: string(e.kind)})
+		case checkpoint.SignalQMPTimeout:
+			if r.pol.Fenced() {
+				return // a frozen QEMU does not answer: that is the fence
+			}
+			r.log.Warn("local QEMU hangs", "signal", e.kind)
+			r.step(ctx, LocalFailed{Why: string(e.kind)})
+		case checkpoint.SignalColoExit:
+			if e.reason == qmp.ColoExitError {
+				r.log.Warn("COLO ended with an error", "side", r.side)
+				r.step(ctx, ColoLost{Why: "COLO_EXIT " + string(e.reason)})
+			}
+		case checkpoint.SignalMigrationFailed:
+			r.log.Warn("the migration failed")
+			r.step(ctx, ColoLost{Why: "migration failed"})
+		}
+	case leaseGot:
+		r.held = e.held
+		r.step(ctx, e.ev)
+	case migrationLink:
+		if e.vm != r.vm || r.vm == nil {
+			e.f.Close()
+			return
+		}
+		if r.migLink != nil {
+			r.migLink.Close()
+		}
+		r.migLink = e.f
+	case result:
+		if e.vm != nil {
+			r.setVM(ctx, e.vm)
+		}
+		if e.gen != nil {
+			r.gen = *e.gen
+		}
+		if e.wasSecond {
+			r.wasSecond = true
+		}
+		if e.link != nil {
+			if r.migLink != nil {
+				r.migLink.Close()
+			}
+			r.migLink = e.link
+		}
+		if e.prepared != nil {
+			if r.prepared != nil {
+				r.prepared.cancel()
+			}
+			r.prepared = e.prepared
+		}
+		if e.observe != nil {
+			r.runObserver(e.observe.obs, e.observe.sub)
+		}
+		if e.prep != nil {
+			var err error
+			if f, ok := e.ev.(PrepareFailed); ok {
+				err = errors.New(f.Err)
+			}
+			e.prep <- prepareResult{res: e.prepRes, err: err}
+		}
+		r.step(ctx, e.ev)
+	case Event:
+		r.step(ctx, e)
 	}
 }
 
-func (r *runner) watch(ctx context.Context) <-chan Event2 {
-	return r.pairView.watch(ctx, r.done, &r.agent.wg)
+func (r *runner) step(ctx context.Context, ev Event) {
+	acts, err := r.pol.Step(ev)
+	if err != nil {
+		r.log.Debug("event refused", "event", fmt.Sprintf("%T", ev), "err", err)
+	}
+	r.exec(ctx, acts)
+}
+
+// linkState reads this agent's copy of the migration connection: whether the QEMUs still
+// exchange checkpoints. Nothing flows between checkpoints, and a checkpoint comes at least
+// every x-checkpoint-delay, so silence for twice that (and at least half a second more)
+// means the other QEMU no longer checkpoints.
+func (r *runner) linkState() LinkState {
+	role := RoleSecondary
+	if runsVM(r.pol.Role()) {
+		role = RolePrimary
+	}
+	return r.linkStateAs(role)
+}
+
+// linkStateAs reads the link as a side of role reads it.
+func (r *runner) linkStateAs(role Role) LinkState {
+	if r.migLink == nil || r.vm == nil {
+		return LinkUnknown
+	}
+	la, err := checkpoint.ReadLinkActivity(r.migLink)
+	if err != nil {
+		return LinkUnknown
+	}
+	if !la.Open {
+		return LinkClosed
+	}
+	d := r.config().Spec.Tunables.CheckpointDelay
+	quiet := max(2*d, d+500*time.Millisecond)
+	since := la.SinceData
+	if role == RolePrimary {
+		// The primary sends the data; the secondary's replies and acknowledgements come back.
+		since = min(la.SinceData, la.SinceAck)
+	}
+	if since > quiet {
+		return LinkQuiet
+	}
+	return LinkActive
+}
+
+func (r *runner) setVM(ctx context.Context, vm *checkpoint.VM) {
+	if r.vmCancel != nil {
+		r.vmCancel()
+	}
+	r.vm = vm
+	wctx, cancel := context.WithCancel(ctx)
+	r.vmCancel = cancel
+	sigs := make(chan checkpoint.Signal, 8)
+	r.workerWG.Add(2)
+	go func() { defer r.workerWG.Done(); checkpoint.Watch(wctx, vm, r.a.cfg.Watch, sigs) }()
+	go func() {
+		defer r.workerWG.Done()
+		for {
+			select {
+			case sg := <-sigs:
+				r.post(wctx, vmSignal{vm: vm, kind: sg.Kind, reason: sg.Reason})
+			case <-wctx.Done():
+				return
+			}
+		}
+	}()
+}
+
+// dropVM forgets the VM without stopping it (it was handed to a sequence that stops it).
+func (r *runner) dropVM() *checkpoint.VM {
+	vm := r.vm
+	if r.vmCancel != nil {
+		r.vmCancel()
+		r.vmCancel = nil
+	}
+	r.stopObserver()
+	if r.prepared != nil {
+		r.prepared.cancel()
+		r.prepared = nil
+	}
+	if r.migLink != nil {
+		r.migLink.Close()
+		r.migLink = nil
+	}
+	r.vm = nil
+	r.wasSecond = false
+	return vm
+}
+
+func (r *runner) killVM(why string) {
+	if vm := r.dropVM(); vm != nil {
+		r.log.Info("killing QEMU", "pid", vm.PID(), "why", why)
+		vm.Kill()
+	}
+}
+
+// spawn runs a long action; the one before it, if any, is cancelled.
+func (r *runner) spawn(ctx context.Context, f func(context.Context) any) {
+	spawnLong(&r.worker, &r.workerWG, ctx, f, r.post)
+}
+
+// spawnLong runs one long action of a runner on its own goroutine, owned by wg, and hands its
+// result to deliver. The action before it, whose cancel is in *cur, is cancelled first: a
+// runner runs one long action at a time.
+func spawnLong[T any](cur *context.CancelFunc, wg *sync.WaitGroup, ctx context.Context, f func(context.Context) T, deliver func(context.Context, any)) {
+	if *cur != nil {
+		(*cur)()
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	*cur = cancel
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		deliver(wctx, f(wctx))
+	}()
+}
+
+// heartbeat sends one heartbeat to the peer, unless one is still on its way.
+func (r *runner) heartbeat(ctx context.Context) {
+	if r.pol == nil || !r.hbInFlight.CompareAndSwap(false, true) {
+		return
+	}
+	sent := r.pol.Now()
+	view := r.pol.View()
+	r.workerWG.Add(1)
+	go func() {
+		defer r.workerWG.Done()
+		defer r.hbInFlight.Store(false)
+		cctx, cancel := context.WithTimeout(ctx, r.a.cfg.HeartbeatTimeout)
+		defer cancel()
+		v, err := r.link.Heartbeat(cctx, r.name, view)
+		if err != nil {
+			return
+		}
+		r.lastHB.Store(time.Now().UnixNano())
+		r.post(ctx, PeerReply{SentAt: sent, View: v})
+	}()
+}
+
+// publish refreshes this side's snapshot in the pair's view, saves what a successor agent
+// needs when it changed, and tells the peer at once when the role changed.
+func (r *runner) publish(ctx context.Context) {
+	p := r.pol
+	r.epochNow.Store(p.Epoch())
+	s := sideSnap{role: p.Role(), why: p.Why(), epoch: p.Epoch(), gen: p.Generation(), colo: p.Colo(), fenced: p.Fenced(),
+		storeOK: p.StoreOK(), peerOK: p.PeerReachable(), peer: p.Peer(), running: r.vm != nil, link: p.Link()}
+	if ns := r.lastHB.Load(); ns > 0 {
+		s.lastHB = time.Unix(0, ns)
+	}
+	if r.vm != nil {
+		s.version = r.vm.Version()
+	}
+	r.view.update(r.side, s)
+	r.persist()
+	if p.Role() != r.lastRole {
+		r.log.Info("role", "from", r.lastRole, "to", p.Role(), "why", p.Why())
+		r.lastRole = p.Role()
+		r.heartbeat(ctx)
+	}
+	r.noteTakeover()
+}
+
+// noteTakeover records the failover a hand-over of ours led to, once the peer of another host
+// runs the VM (a peer in this agent records its own takeover).
+func (r *runner) noteTakeover() {
+	h := r.handedOver
+	if h == nil || r.pol.Role() != RoleIdle || !r.pol.PeerReachable() {
+		return
+	}
+	peer := r.pol.Peer()
+	if peer.Role != RolePrimary || peer.Epoch <= h.epoch {
+		return
+	}
+	r.handedOver = nil
+	if r.peerLocal {
+		return
+	}
+	rec := &FailoverRecord{At: h.at, Why: h.why, Sequence: "hand-over to " + r.config().Sides[r.side.Other()].Agent,
+		Took: time.Since(h.at), Trigger: triggerOf(h.kind)}
+	r.view.failover(rec)
+}
+
+func (r *runner) publishStats() {
+	if r.obs == nil {
+		return
+	}
+	r.view.stats(r.side, r.obs.Stats())
+}
+
+// runObserver runs obs over sub until the next runObserver or stopObserver.
+func (r *runner) runObserver(obs *checkpoint.Observer, sub *qmp.Subscription) {
+	r.stopObserver()
+	obs.OnCheckpoint(r.metrics.checkpoint)
+	octx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = obs.Run(octx, sub) }()
+	r.obs = obs
+	r.obsStop = func() { cancel(); <-done; sub.Close(); obs.Close() }
+}
+
+func (r *runner) stopObserver() {
+	if r.obsStop != nil {
+		r.obsStop()
+	}
+	r.obs, r.obsStop = nil, nil
+}
+
+// paramsTarget answers a request for the protected primary's QEMU and the pair's config: only
+// the side that runs the protected primary can change tunables at run time.
+func (r *runner) paramsTarget() callReply {
+	if r.pol.Role() != RolePrimary {
+		if r.pol.Peer().Role == RolePrimary {
+			return callReply{err: fmt.Errorf("set parameters: host %s runs the primary; ask its agent: %w", r.config().Sides[r.side.Other()].Agent, ErrWrongState)}
+		}
+		return callReply{err: fmt.Errorf("set parameters: this side is %s, not the primary: %w", r.pol.Role(), ErrWrongState)}
+	}
+	if !r.pol.Colo() || r.vm == nil {
+		return callReply{err: fmt.Errorf("set parameters: the pair is not protected (the primary runs alone); parameters apply to a protected pair: %w", ErrWrongState)}
+	}
+	return callReply{vm: r.vm, pc: r.config()}
 }

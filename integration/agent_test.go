@@ -11,6 +11,7 @@ import (
 
 	"github.com/lockstepvm/lockstep/checkpoint"
 	"github.com/lockstepvm/lockstep/controller"
+	"github.com/lockstepvm/lockstep/coord"
 	"github.com/lockstepvm/lockstep/integration/qemuenv"
 )
 
@@ -27,7 +28,7 @@ func newAgentEnv(t *testing.T) *agentEnv {
 	kernel, initrd := guestImages(t)
 	e := newPairEnv(t, q, kernel, initrd, 200*time.Millisecond, 2)
 	state := filepath.Join(e.dir, "state")
-	cfg := controller.AgentConfig{StateDir: state, OverlayDir: e.overlayDir(), Log: e.log}
+	cfg := controller.AgentConfig{Host: "local", StateDir: state, OverlayDir: e.overlayDir(), Log: e.log, Store: testStore(t)}
 	a, err := controller.NewAgent(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -110,7 +111,7 @@ func TestAgentAutomaticFailoverAndAdoption(t *testing.T) {
 	if _, err := ae.agent.Create(ae.pc); !errors.Is(err, controller.ErrExists) {
 		t.Errorf("second create: %v", err)
 	}
-	if err := ae.agent.Failover("nope", false); !errors.Is(err, controller.ErrNotFound) {
+	if _, err := ae.agent.Failover(context.Background(), "nope", false, ""); !errors.Is(err, controller.ErrNotFound) {
 		t.Errorf("unknown pair: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -184,4 +185,20 @@ loop:
 		t.Fatalf("the restart changed the primary or failed over")
 	}
 	w.verify(t)
+}
+
+// testStore is a coordination store of the test's own: an etcd server in the test process.
+func testStore(t *testing.T) *coord.Etcd {
+	t.Helper()
+	emb, err := coord.StartEmbedded(coord.EmbeddedConfig{Dir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := coord.NewEtcd(coord.EtcdConfig{Endpoints: emb.Endpoints()})
+	if err != nil {
+		emb.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close(); emb.Close() })
+	return store
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -61,14 +62,14 @@ func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
 		// The agents leave their QEMUs running by design: kill them by the PIDs the agents wrote.
 		for _, h := range []string{"A", "B"} {
 			if t.Failed() {
-				if b, err := os.ReadFile(filepath.Join(c.dir, h, "state", "db1", "qemu", "console.log")); err == nil {
+				if b, err := os.ReadFile(filepath.Join(c.dir, h, "state", "db1", strings.ToLower(h), "console.log")); err == nil {
 					t.Logf("guest console on %s:\n%s", h, consoleExcerpt(b))
 					if d := os.Getenv("LOCKSTEP_CONSOLE_DIR"); d != "" {
 						_ = os.WriteFile(filepath.Join(d, t.Name()+"-"+h+".log"), b, 0o644)
 					}
 				}
 			}
-			if pid, err := checkpoint.ReadPID(filepath.Join(c.dir, h, "state", "db1", "qemu")); err == nil {
+			if pid, err := checkpoint.ReadPID(filepath.Join(c.dir, h, "state", "db1", strings.ToLower(h))); err == nil {
 				_ = syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
@@ -149,7 +150,7 @@ func (c *cluster) connect() *client.Client {
 
 // qemuPID reads the pid of host's QEMU for the pair.
 func (c *cluster) qemuPID(host string) int {
-	pid, err := checkpoint.ReadPID(filepath.Join(c.dir, host, "state", "db1", "qemu"))
+	pid, err := checkpoint.ReadPID(filepath.Join(c.dir, host, "state", "db1", strings.ToLower(host)))
 	if err != nil {
 		c.t.Fatalf("QEMU pid on %s: %v", host, err)
 	}
@@ -380,48 +381,111 @@ func TestTwoHostsStoreDown(t *testing.T) {
 	t.Logf("%d records acknowledged, none lost; epoch %d -> %d", n, st.GetEpoch(), after.GetEpoch())
 }
 
-// TestTwoHostsAgentKilled: kill -9 of the primary's agent takes its QEMU with it, so that no VM
-// runs on without an agent renewing its lease; B takes over as after a host loss, and the
-// restarted agent on A joins as the new secondary.
-func TestTwoHostsAgentKilled(t *testing.T) {
+// agentRestart kills (kill -9) or stops (SIGTERM, as an upgrade would) host's agent while the
+// pair is protected, starts a new one, and checks that nothing failed over: the QEMUs outlive
+// their agent and the new agent adopts them. It returns the client's longest wait for an
+// acknowledgement across the restart.
+func (c *cluster) agentRestart(w *writer, st *pb.PairStatus, host string, sigterm bool) time.Duration {
+	t := c.t
+	pids := map[string]int{"A": c.qemuPID("A"), "B": c.qemuPID("B")}
+	w.mu.Lock()
+	w.maxWait = 0
+	w.mu.Unlock()
+	t0 := time.Now()
+	if sigterm {
+		if err := c.agents[host].cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-c.agents[host].done:
+		case <-time.After(20 * time.Second):
+			t.Fatalf("%s's agent did not stop within 20 s of SIGTERM", host)
+		}
+	} else {
+		c.agents[host].kill()
+	}
+	for h, pid := range pids {
+		if s := procState(pid); s == "gone" || s == "Z" {
+			t.Fatalf("%s's QEMU (pid %d) ended with %s's agent", h, pid, host)
+		}
+	}
+	n := c.lab.Node(host)
+	c.agents[host] = c.start(n, "--host", host, "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", c.etcdURL,
+		"--metrics-listen", netip.AddrPortFrom(n.IP(), 9464).String())
+	back := c.waitOn(host, pb.PairState_PAIR_STATE_PROTECTED, 30*time.Second)
+	t.Logf("%s's agent back %v after it was stopped", host, time.Since(t0).Round(time.Millisecond))
+	w.waitAcked(t, w.Acked()+25, 30*time.Second)
+	for h, pid := range pids {
+		if got := c.qemuPID(h); got != pid {
+			t.Fatalf("%s's QEMU changed across the agent restart: pid %d, was %d", h, got, pid)
+		}
+	}
+	if back.GetPrimaryHost() != st.GetPrimaryHost() || back.GetGeneration() != st.GetGeneration() || back.GetLastFailover() != nil {
+		t.Fatalf("the agent restart failed over: primary %q generation %d (was %q, %d), last failover %v",
+			back.GetPrimaryHost(), back.GetGeneration(), st.GetPrimaryHost(), st.GetGeneration(), back.GetLastFailover())
+	}
+	for _, h := range []string{"A", "B"} {
+		if s := c.waitOn(h, pb.PairState_PAIR_STATE_PROTECTED, 10*time.Second); s.GetLastFailover() != nil {
+			t.Fatalf("%s reports a failover after the agent restart: %v", h, s.GetLastFailover())
+		}
+	}
+	w.mu.Lock()
+	longest := w.maxWait
+	w.mu.Unlock()
+	return longest
+}
+
+// TestTwoHostsAgentRestart: kill -9 of each host's agent in turn while protected, then an
+// upgrade of each (SIGTERM, the new binary started): nothing fails over, the restarted agents
+// adopt the QEMUs, and the client's writes carry on over one connection, nothing lost.
+func TestTwoHostsAgentRestart(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	for _, step := range []struct {
+		host    string
+		sigterm bool
+	}{{"A", false}, {"B", false}, {"A", true}, {"B", true}} {
+		how := "kill -9"
+		if step.sigterm {
+			how = "SIGTERM (upgrade)"
+		}
+		longest := c.agentRestart(w, st, step.host, step.sigterm)
+		t.Logf("%s of %s's agent: nothing failed over; the client's longest wait for an ack %v", how, step.host, longest.Round(time.Millisecond))
+	}
+	n := w.verify(t)
+	t.Logf("%d records acknowledged, none lost, same connection, across four agent restarts", n)
+}
+
+// TestTwoHostsAgentKilledThenHostLost: A's agent is killed (its QEMU runs on, in COLO), then
+// host A is lost before its agent returns: B takes over once A's lease has expired and no
+// checkpoint arrives any more; nothing acknowledged is lost.
+func TestTwoHostsAgentKilledThenHostLost(t *testing.T) {
 	c, spec := newCluster(t)
 	w, st := c.protectWithWriter(spec)
 	pidA := c.qemuPID("A")
-	kill := time.Now()
 	c.agents["A"].kill()
-	t.Logf("A's agent reaped %v after the kill", time.Since(kill).Round(time.Millisecond))
-	deadline := time.Now().Add(2 * time.Second)
-	ended := func() bool { s := procState(pidA); return s == "gone" || s == "Z" }
-	for !ended() && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
+	w.waitAcked(t, w.Acked()+25, 30*time.Second)
+	if s := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 5*time.Second); s.GetPrimaryHost() != "A" {
+		t.Fatalf("with A's agent gone the primary is %q, want A (nothing fails over)", s.GetPrimaryHost())
 	}
-	if !ended() {
-		s := procState(pidA)
-		t.Fatalf("A's QEMU (pid %d) outlived its agent: state %s", pidA, s)
+	lost := time.Now()
+	if err := syscall.Kill(pidA, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
 	}
-	t.Logf("A's QEMU ended %v after its agent was killed", time.Since(kill).Round(time.Millisecond))
 	w.waitAcked(t, w.Acked()+10, 30*time.Second)
-	first, _ := w.firstAckAfter(kill)
-	t.Logf("kill -9 of A's agent -> first ack on the same connection %v", first.Sub(kill).Round(time.Millisecond))
+	first, _ := w.firstAckAfter(lost)
 	stB := c.waitOn("B", pb.PairState_PAIR_STATE_DEGRADED, 30*time.Second)
 	if stB.GetPrimaryHost() != "B" || stB.GetEpoch() <= st.GetEpoch() {
-		t.Fatalf("after A's agent died: primary %q at epoch %d, want B above %d", stB.GetPrimaryHost(), stB.GetEpoch(), st.GetEpoch())
+		t.Fatalf("after host A was lost: primary %q at epoch %d, want B above %d", stB.GetPrimaryHost(), stB.GetEpoch(), st.GetEpoch())
 	}
-	n := c.lab.Node("A")
-	c.agents["A"] = c.start(n, "--host", "A", "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", c.etcdURL)
-	back := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
-	if back.GetSecondaryHost() != "A" {
-		t.Errorf("after A's agent came back the secondary is %q, want A", back.GetSecondaryHost())
-	}
-	w.waitAcked(t, w.Acked()+10, 30*time.Second)
-	got := w.verify(t)
-	t.Logf("%d records acknowledged, none lost; protected again with A as secondary (generation %d)", got, back.GetGeneration())
+	n := w.verify(t)
+	t.Logf("agent killed, then host lost: first ack %v after the host loss; %d records acknowledged, none lost; B runs alone at epoch %d",
+		first.Sub(lost).Round(time.Millisecond), n, stB.GetEpoch())
 }
 
-// TestTwoHostsSwitchoverAndStop: an operator's planned switchover moves the VM from A to B
-// while the client writes; B re-protects onto A. Then B's agent is stopped with SIGTERM: it
-// hands the VM back to A before it goes. The client keeps its connection throughout.
-func TestTwoHostsSwitchoverAndStop(t *testing.T) {
+// TestTwoHostsSwitchover: an operator's planned switchover moves the VM from A to B while the
+// client writes; B re-protects onto A. The client keeps its connection throughout.
+func TestTwoHostsSwitchover(t *testing.T) {
 	c, spec := newCluster(t)
 	w, st := c.protectWithWriter(spec)
 	apiA, apiB := dialAPI(t, c.agents["A"].sock), dialAPI(t, c.agents["B"].sock)
@@ -473,22 +537,6 @@ func TestTwoHostsSwitchoverAndStop(t *testing.T) {
 	}
 	w.waitAcked(t, w.Acked()+10, 30*time.Second)
 
-	stop := time.Now()
-	if err := c.agents["B"].cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-c.agents["B"].done:
-	case <-time.After(20 * time.Second):
-		t.Fatal("B's agent did not stop within 20 s of SIGTERM")
-	}
-	onA := c.waitOn("A", pb.PairState_PAIR_STATE_DEGRADED, 30*time.Second)
-	if onA.GetPrimaryHost() != "A" {
-		t.Fatalf("after B's agent stopped: primary %q, want A", onA.GetPrimaryHost())
-	}
-	w.waitAcked(t, w.Acked()+10, 30*time.Second)
-	first, _ = w.firstAckAfter(stop)
-	t.Logf("SIGTERM of B's agent: the VM is back on A, first ack %v after the signal", first.Sub(stop).Round(time.Millisecond))
 	n := w.verify(t)
 	t.Logf("%d records acknowledged, none lost, same connection", n)
 }
@@ -526,4 +574,88 @@ func consoleExcerpt(b []byte) []byte {
 		start = j + 1
 	}
 	return b[start:min(len(b), start+8000)]
+}
+
+// TestTwoHostsFrozenAgentLinkCut: A's agent is frozen (SIGSTOP) while protected, and the A-B
+// link is cut during the freeze. B takes over (A's lease lapses, no checkpoint arrives); the
+// clients on the LAN carry on with B. A's QEMU, in COLO without a secondary, releases no guest
+// frame after B's takeover (captured on A's tap). When A's agent wakes up and the link comes
+// back, A's stale VM never releases anything, and A ends as B's secondary.
+func TestTwoHostsFrozenAgentLinkCut(t *testing.T) {
+	c, spec := newCluster(t)
+	w, st := c.protectWithWriter(spec)
+	a, b := c.lab.Node("A"), c.lab.Node("B")
+	capture, err := a.Capture("vm0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer capture.Stop()
+	apiB := dialAPI(t, c.agents["B"].sock)
+	agentA := c.agents["A"].cmd.Process.Pid
+	if err := syscall.Kill(agentA, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = syscall.Kill(agentA, syscall.SIGCONT) })
+	frozen := time.Now()
+	if err := c.lab.Cut(a, b); err != nil {
+		t.Fatal(err)
+	}
+	// B takes over: its failover record says when.
+	var takeover time.Time
+	for deadline := time.Now().Add(30 * time.Second); takeover.IsZero() && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		resp, err := apiB.GetPair(ctx, &pb.GetPairRequest{Name: "db1"})
+		cancel()
+		if err == nil {
+			s := resp.GetPair().GetStatus()
+			if lf := s.GetLastFailover(); lf != nil && s.GetPrimaryHost() == "B" && s.GetEpoch() > st.GetEpoch() {
+				takeover = lf.GetStartTime().AsTime()
+			}
+		}
+	}
+	if takeover.IsZero() {
+		t.Fatal("B did not take over from A's frozen agent behind the cut link")
+	}
+	t.Logf("B took over %v after A's agent was frozen and the A-B link cut", takeover.Sub(frozen).Round(time.Millisecond))
+	w.waitAcked(t, w.Acked()+20, 30*time.Second)
+	// Some seconds with A's agent still frozen: A's QEMU runs on without it.
+	time.Sleep(3 * time.Second)
+	if err := syscall.Kill(agentA, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	woke := time.Now()
+	time.Sleep(2 * time.Second)
+	if err := c.lab.Heal(a, b); err != nil {
+		t.Fatal(err)
+	}
+	back := c.waitOn("B", pb.PairState_PAIR_STATE_PROTECTED, 2*time.Minute)
+	if back.GetPrimaryHost() != "B" || back.GetSecondaryHost() != "A" {
+		t.Fatalf("after the heal: primary %q secondary %q, want B and A", back.GetPrimaryHost(), back.GetSecondaryHost())
+	}
+	w.waitAcked(t, w.Acked()+20, 30*time.Second)
+	frames, err := capture.Stop()
+	if err != nil {
+		t.Fatalf("capture on A's tap: %v", err)
+	}
+	// From the takeover until A's QEMU is A's new secondary, nothing may leave A's tap with the
+	// guest's MAC: the new secondary's own frames go to its filters, not the wire, either.
+	mac, _ := net.ParseMAC(guestMAC)
+	var before, after int
+	for _, f := range frames {
+		if !f.FromVM || !bytes.Equal(f.Src, mac) {
+			continue
+		}
+		if f.Time.Before(takeover) {
+			before++
+			continue
+		}
+		after++
+		t.Errorf("a guest frame left A's tap %v after B's takeover (EtherType %#04x, %d bytes, to %s)", f.Time.Sub(takeover).Round(time.Millisecond), f.Type, f.Len, f.Dst)
+	}
+	if before == 0 {
+		t.Fatal("the capture saw no guest frame from A even before the takeover: it does not see the tap's traffic")
+	}
+	n := w.verify(t)
+	t.Logf("%d guest frames left A before the takeover, %d after; A's agent woke %v after the takeover; %d records acknowledged, none lost; B primary at epoch %d, A its secondary",
+		before, after, woke.Sub(takeover).Round(time.Millisecond), n, back.GetEpoch())
 }

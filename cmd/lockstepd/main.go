@@ -1,6 +1,8 @@
 // Command lockstepd is lockstep's agent: it runs protected pairs of QEMU VMs, watches them, fails
 // them over and re-protects them by itself, and serves the PairService gRPC API to operators
-// (lockstepctl). This build runs in single-host mode: both sides of every pair on this machine.
+// (lockstepctl). One agent runs on each host; it runs the sides of every pair placed on its
+// host: both sides of a pair whose placements name this host, one side of a pair that spans two
+// hosts (then with its peer, the other host's agent, over --peer-listen).
 package main
 
 import (
@@ -10,7 +12,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -89,10 +90,10 @@ Examples:
   # The host of the coordination store itself: an etcd server inside lockstepd.
   lockstepd --etcd-serve http://10.0.0.9:2379
 
-SIGTERM or SIGINT stops the agent. In single-host mode the VMs keep running and the next agent
-adopts them. In two-host mode (--peer-listen) a VM this host runs protected is first handed over
-to its peer, and this host's QEMUs stop with the agent: a QEMU never runs without the agent that
-renews its lease.
+SIGTERM or SIGINT stops the agent; its QEMUs keep running and the next agent adopts them, so
+restarting or upgrading lockstepd fails nothing over. (A QEMU in COLO releases nothing its
+secondary did not produce too, so it needs no agent to stay safe; a secondary takes over from
+a primary whose agent is gone only once checkpoints stop arriving.)
 
 Flags:
 `
@@ -124,14 +125,14 @@ func run(args []string) int {
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "log level: debug, info, warn or error")
 	fs.DurationVar(&cfg.CheckInterval, "check-interval", cfg.CheckInterval, "how often each QEMU's health is checked over QMP")
 	fs.DurationVar(&cfg.CheckTimeout, "check-timeout", cfg.CheckTimeout, "a QEMU that does not answer a check within this is taken as hung")
-	fs.StringVar(&cfg.Host, "host", "", "this agent's host name (default: the machine's host name): two-host pair placements name hosts so; in single-host mode it names this agent's part of the store")
-	fs.StringVar(&cfg.PeerListen, "peer-listen", "", "host:port for the peer agents' PeerService; turns on two-host mode (pairs in the store, leases, fencing)")
-	fs.StringVar(&cfg.EtcdEndpoints, "etcd-endpoints", "", "comma-separated etcd client URLs of the coordination store, which holds the pairs' specs (and in two-host mode their leases); empty: an etcd server inside lockstepd on loopback, data in the state folder")
+	fs.StringVar(&cfg.Host, "host", "", "this agent's host name (default: the machine's host name): pair placements name hosts so; a placement that names no host is this one")
+	fs.StringVar(&cfg.PeerListen, "peer-listen", "", "host:port for the PeerService of the agents of other hosts; needed for pairs that span two hosts")
+	fs.StringVar(&cfg.EtcdEndpoints, "etcd-endpoints", "", "comma-separated etcd client URLs of the coordination store, which holds the pairs' specs, leases and primary records; empty: an etcd server inside lockstepd on loopback, data in the state folder")
 	fs.StringVar(&cfg.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd over TLS")
 	fs.StringVar(&cfg.EtcdKey, "etcd-key", "", "client key (PEM) for etcd over TLS")
 	fs.StringVar(&cfg.EtcdCA, "etcd-ca", "", "CA (PEM) of the etcd servers")
 	fs.StringVar(&cfg.EtcdServe, "etcd-serve", "", "serve an etcd server inside lockstepd at this client URL, data in the state folder (e.g. http://10.0.0.9:2379)")
-	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 100*time.Millisecond, "how often agents exchange heartbeats (two-host mode)")
+	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 100*time.Millisecond, "how often the two sides of a pair exchange heartbeats")
 	fs.DurationVar(&cfg.HeartbeatTimeout, "heartbeat-timeout", 500*time.Millisecond, "a peer not heard from for this long is unreachable")
 	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", time.Second, "the primary lease's time to live, whole seconds (a lost host fails over about this long after it died)")
 	if err := fs.Parse(args); err != nil {
@@ -181,41 +182,19 @@ func run(args []string) int {
 		defer emb.Close()
 		log.Info("etcd server inside lockstepd", "endpoints", emb.Endpoints())
 	}
-	var agent *controller.Agent
-	var pairAgent controller.PairAgent
-	var cleanup func()
-	if cfg.PeerListen != "" {
-		ca, stop, err := startCluster(cfg, emb, srv, log, watchCfg)
-		if err != nil {
-			lis.Close()
-			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
-			return 2
-		}
-		pairAgent, cleanup = ca, stop
-	} else {
-		host, err := thisHost(cfg)
-		if err != nil {
-			lis.Close()
-			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
-			return 2
-		}
-		store, endpoints, err := openStore(cfg, emb, log, singleHostPrefix(host))
-		if err != nil {
-			lis.Close()
-			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
-			return 2
-		}
-		agent, err = controller.NewAgent(controller.AgentConfig{StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Log: log, Watch: watchCfg, Store: store})
-		if err != nil {
-			store.Close()
-			lis.Close()
-			log.Error("cannot start the agent", "err", err)
-			return 1
-		}
-		log.Info("single-host mode", "etcd", endpoints, "embedded", emb != nil, "prefix", singleHostPrefix(host))
-		pairAgent, cleanup = agent, func() { agent.Close(); store.Close() }
+	host, err := thisHost(cfg)
+	if err != nil {
+		lis.Close()
+		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+		return 2
 	}
-	pb.RegisterPairServiceServer(srv, &controller.PairServer{Agent: pairAgent})
+	agent, cleanup, err := startAgent(cfg, host, emb, srv, log, watchCfg)
+	if err != nil {
+		lis.Close()
+		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+		return 2
+	}
+	pb.RegisterPairServiceServer(srv, &controller.PairServer{Agent: agent})
 	hs := health.NewServer()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	hs.SetServingStatus(pb.PairService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
@@ -227,9 +206,7 @@ func run(args []string) int {
 		mux := http.NewServeMux()
 		mux.HandleFunc("/metrics", func(w http.ResponseWriter, _ *http.Request) {
 			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
-			if m, ok := pairAgent.(interface{ WriteMetrics(io.Writer) }); ok {
-				m.WriteMetrics(w)
-			}
+			agent.WriteMetrics(w)
 		})
 		ml, err := net.Listen("tcp", cfg.MetricsListen)
 		if err != nil {
@@ -246,11 +223,11 @@ func run(args []string) int {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(lis) }()
-	log.Info("lockstepd serving", "listen", cfg.Listen, "state-dir", cfg.StateDir, "pairs", len(pairAgent.List()))
+	log.Info("lockstepd serving", "listen", cfg.Listen, "state-dir", cfg.StateDir, "host", host, "pairs", len(agent.List()))
 	code := 0
 	select {
 	case s := <-sigs:
-		log.Info("stopping; the VMs keep running", "signal", s.String())
+		log.Info("stopping; the VMs keep running and the next agent adopts them", "signal", s.String())
 	case err := <-serveErr:
 		log.Error("API server stopped", "err", err)
 		code = 1
@@ -272,44 +249,64 @@ func run(args []string) int {
 	return code
 }
 
-// startCluster starts two-host mode: the store client, the cluster agent and its PeerService
-// listener. The returned function stops them.
-func startCluster(cfg config, emb *coord.Embedded, srv *grpc.Server, log *slog.Logger, watch checkpoint.WatchConfig) (*controller.ClusterAgent, func(), error) {
-	host, err := thisHost(cfg)
-	if err != nil {
-		return nil, nil, err
-	}
+// startAgent starts the agent: the store client (and the client of the earlier single-host
+// layout's keys, whose pairs the agent moves), the agent itself and, with --peer-listen, the
+// PeerService listener for the agents of other hosts. The returned function stops them; the
+// QEMUs keep running.
+func startAgent(cfg config, host string, emb *coord.Embedded, srv *grpc.Server, log *slog.Logger, watch checkpoint.WatchConfig) (*controller.Agent, func(), error) {
 	store, endpoints, err := openStore(cfg, emb, log, "")
 	if err != nil {
 		return nil, nil, err
 	}
-	pl, err := net.Listen("tcp", cfg.PeerListen)
+	legacy, _, err := openStore(cfg, emb, log, legacyPrefix(host))
 	if err != nil {
-		store.Close()
-		return nil, nil, fmt.Errorf("--peer-listen %s: %w", cfg.PeerListen, err)
-	}
-	ca, err := controller.NewClusterAgent(controller.ClusterConfig{
-		Host: host, PeerAddr: pl.Addr().String(), StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Store: store, Log: log, Watch: watch,
-		HeartbeatInterval: cfg.HeartbeatInterval, HeartbeatTimeout: cfg.HeartbeatTimeout, LeaseTTL: cfg.LeaseTTL,
-	})
-	if err != nil {
-		pl.Close()
 		store.Close()
 		return nil, nil, err
 	}
-	// The peer service has its own listener: the agents' network, not the operators'.
-	psrv := grpc.NewServer()
-	pb.RegisterPeerServiceServer(psrv, &controller.PeerServer{Agent: ca})
-	go func() { _ = psrv.Serve(pl) }()
-	log.Info("two-host mode", "host", host, "peer-listen", pl.Addr().String(), "etcd", endpoints)
-	return ca, func() { psrv.Stop(); ca.Close(); store.Close() }, nil
+	var pl net.Listener
+	peerAddr := ""
+	if cfg.PeerListen != "" {
+		pl, err = net.Listen("tcp", cfg.PeerListen)
+		if err != nil {
+			legacy.Close()
+			store.Close()
+			return nil, nil, fmt.Errorf("--peer-listen %s: %w", cfg.PeerListen, err)
+		}
+		peerAddr = pl.Addr().String()
+	}
+	agent, err := controller.NewAgent(controller.AgentConfig{
+		Host: host, PeerAddr: peerAddr, StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Store: store, Legacy: legacy, Log: log, Watch: watch,
+		HeartbeatInterval: cfg.HeartbeatInterval, HeartbeatTimeout: cfg.HeartbeatTimeout, LeaseTTL: cfg.LeaseTTL,
+	})
+	if err != nil {
+		if pl != nil {
+			pl.Close()
+		}
+		legacy.Close()
+		store.Close()
+		return nil, nil, err
+	}
+	var psrv *grpc.Server
+	if pl != nil {
+		// The peer service has its own listener: the agents' network, not the operators'.
+		psrv = grpc.NewServer()
+		pb.RegisterPeerServiceServer(psrv, &controller.PeerServer{Agent: agent})
+		go func() { _ = psrv.Serve(pl) }()
+	}
+	log.Info("agent", "host", host, "peer-listen", peerAddr, "etcd", endpoints, "embedded", emb != nil)
+	return agent, func() {
+		if psrv != nil {
+			psrv.Stop()
+		}
+		agent.Close()
+		legacy.Close()
+		store.Close()
+	}, nil
 }
 
-// singleHostPrefix is where a single-host agent keeps its pairs in the store: apart from the
-// two-host pairs (coord.DefaultPrefix), which another host's agent runs, and from other
-// single-host agents sharing the store. Without it, the agent inside the store's own host
-// (--etcd-serve) took a two-host pair for one of its own and booted it on the other host's disk.
-func singleHostPrefix(host string) string { return coord.DefaultPrefix + "single/" + host + "/" }
+// legacyPrefix is where the single-host agent of earlier versions kept its pairs in the store;
+// the agent moves them to the common layout when it starts.
+func legacyPrefix(host string) string { return coord.DefaultPrefix + "single/" + host + "/" }
 
 // thisHost is --host, else the machine's host name.
 func thisHost(cfg config) (string, error) {

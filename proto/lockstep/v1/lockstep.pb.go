@@ -529,6 +529,9 @@ const (
 	HandOverReason_HAND_OVER_REASON_PLANNED HandOverReason = 1
 	// The sender's primary QEMU died or hung and has been killed.
 	HandOverReason_HAND_OVER_REASON_PRIMARY_FAILED HandOverReason = 2
+	// An operator's forced failover: the sender killed its primary without flushing its held
+	// output.
+	HandOverReason_HAND_OVER_REASON_FORCED HandOverReason = 3
 )
 
 // Enum value maps for HandOverReason.
@@ -537,11 +540,13 @@ var (
 		0: "HAND_OVER_REASON_UNSPECIFIED",
 		1: "HAND_OVER_REASON_PLANNED",
 		2: "HAND_OVER_REASON_PRIMARY_FAILED",
+		3: "HAND_OVER_REASON_FORCED",
 	}
 	HandOverReason_value = map[string]int32{
 		"HAND_OVER_REASON_UNSPECIFIED":    0,
 		"HAND_OVER_REASON_PLANNED":        1,
 		"HAND_OVER_REASON_PRIMARY_FAILED": 2,
+		"HAND_OVER_REASON_FORCED":         3,
 	}
 )
 
@@ -3900,11 +3905,12 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tROLE_NONE\x10\x01\x12\x10\n" +
 	"\fROLE_PRIMARY\x10\x02\x12\x12\n" +
-	"\x0eROLE_SECONDARY\x10\x03*u\n" +
+	"\x0eROLE_SECONDARY\x10\x03*\x92\x01\n" +
 	"\x0eHandOverReason\x12 \n" +
 	"\x1cHAND_OVER_REASON_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18HAND_OVER_REASON_PLANNED\x10\x01\x12#\n" +
-	"\x1fHAND_OVER_REASON_PRIMARY_FAILED\x10\x022\xf8\x04\n" +
+	"\x1fHAND_OVER_REASON_PRIMARY_FAILED\x10\x02\x12\x1b\n" +
+	"\x17HAND_OVER_REASON_FORCED\x10\x032\xf8\x04\n" +
 	"\vPairService\x12M\n" +
 	"\n" +
 	"CreatePair\x12\x1e.lockstep.v1.CreatePairRequest\x1a\x1f.lockstep.v1.CreatePairResponse\x12D\n" +

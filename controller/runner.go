@@ -27,21 +27,21 @@ import (
 //   - a heartbeat in flight posts its reply;
 //   - the observer of a protected primary counts its checkpoints.
 type runner struct {
-	a       *Agent
-	name    string
-	side    Side
-	holder  string // the lease holder name of this side: host:side
+	a      *Agent
+	name   string
+	side   Side
+	holder string // the lease holder name of this side: host:side
 	// peerLocal: the pair's other side runs in this agent too.
 	peerLocal bool
-	dir     string // the side's runtime folder (QMP socket, pid file, logs, side.json)
-	log     *slog.Logger
-	view    *pairView
-	link    PeerLink
-	backend checkpoint.Backend
-	pcp     atomic.Pointer[PairConfig] // the pair's config; replaced, never changed
-	store   storeIO
-	io      *ioQueue
-	metrics *pairMetrics
+	dir       string // the side's runtime folder (QMP socket, pid file, logs, side.json)
+	log       *slog.Logger
+	view      *pairView
+	link      PeerLink
+	backend   checkpoint.Backend
+	pcp       atomic.Pointer[PairConfig] // the pair's config; replaced, never changed
+	store     storeIO
+	io        *ioQueue
+	metrics   *pairMetrics
 
 	inbox chan any      // results and signals for the run goroutine
 	calls chan call     // API and peer requests, answered by the run goroutine
@@ -85,10 +85,10 @@ type call struct {
 
 type callReply struct {
 	err  error
-	view PeerView            // for PeerRequest
-	prep chan prepareResult  // for PrepareRequest
-	vm   *checkpoint.VM      // for param
-	pc   PairConfig          // for param
+	view PeerView           // for PeerRequest
+	prep chan prepareResult // for PrepareRequest
+	vm   *checkpoint.VM     // for param
+	pc   PairConfig         // for param
 }
 
 type pendingPrepare struct {

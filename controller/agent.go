@@ -17,7 +17,14 @@ import (
 
 	"github.com/lockstepvm/lockstep/checkpoint"
 	"github.com/lockstepvm/lockstep/coord"
+	"github.com/lockstepvm/lockstep/fence"
 )
+
+// Fence is the host's fence keeper as the agent uses it (fence.Client). The keeper drops the
+// guard of a QEMU that exits by itself.
+type Fence interface {
+	Guard(g fence.Guard) error
+}
 
 // SideConfig places one side of a pair.
 type SideConfig struct {
@@ -67,6 +74,9 @@ type AgentConfig struct {
 	Watch  checkpoint.WatchConfig
 	// Backends are the VM backends by name; "qemu" (checkpoint.Direct) is always there.
 	Backends map[string]checkpoint.Backend
+	// Fence, when set, is the host's fence keeper: it freezes a primary QEMU whose agent is
+	// gone once its lease may have lapsed and its COLO link is not active (package fence).
+	Fence Fence
 	// Tick is the policy's logical tick (100 ms by default); the timings below are rounded to
 	// whole ticks.
 	Tick time.Duration

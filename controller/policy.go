@@ -556,6 +556,18 @@ func (p *Policy) mayRun() bool {
 
 func (p *Policy) restoring() bool { return p.now < p.restoreUntil }
 
+// MayRunUntil is the tick until which this side's primary may run without an active COLO
+// link: its lease's deadline, its secondary's confirmation, or the restore window of an
+// adopted side, whichever is latest. Past it, enforce freezes the primary (and the host's
+// fence keeper does, should the agent not be there to).
+func (p *Policy) MayRunUntil() int {
+	until := max(p.confirmUntil, p.restoreUntil)
+	if p.held {
+		until = max(until, p.leaseDeadline)
+	}
+	return until
+}
+
 // peerLost reports whether the peer counts as unreachable: not heard within the heartbeat
 // timeout, and not a peer an adopted side has had no time to hear yet.
 func (p *Policy) peerLost() bool {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/lockstepvm/lockstep/checkpoint"
 	"github.com/lockstepvm/lockstep/coord"
+	"github.com/lockstepvm/lockstep/fence"
 	"github.com/lockstepvm/lockstep/qmp"
 )
 
@@ -51,6 +52,8 @@ type runner struct {
 	quit  chan struct{} // closed when the loop starts to stop: nothing is posted any more
 	done  chan struct{}
 
+	fenceNext  atomic.Pointer[fence.Guard] // the newest guard for the host's fence keeper
+	fenceWake  chan struct{}
 	hbInFlight atomic.Bool
 	lastHB     atomic.Int64 // unix nanoseconds of the last successful heartbeat exchange
 	epochNow   atomic.Uint64
@@ -73,6 +76,15 @@ type runner struct {
 	handedOver  *handOverNote
 	saved       sideState
 	lastRole    Role
+	guard       guardKey // what the fence keeper was last told
+}
+
+// guardKey is what the fence keeper's guard of this side depends on.
+type guardKey struct {
+	pid          int
+	until        int
+	link         *os.File
+	transitional bool
 }
 
 // call is a request the run goroutine answers.
@@ -152,7 +164,7 @@ func newRunner(a *Agent, pc PairConfig, side Side, view *pairView, link PeerLink
 			timeout: a.cfg.HeartbeatTimeout, probe: min(a.cfg.HeartbeatTimeout, a.cfg.LeaseTTL/4)},
 		io: newIOQueue(), metrics: newPairMetrics(),
 		inbox: make(chan any, 64), calls: make(chan call), specs: make(chan struct{}, 1),
-		stopc: make(chan chan struct{}), quit: make(chan struct{}), done: make(chan struct{}),
+		stopc: make(chan chan struct{}), quit: make(chan struct{}), done: make(chan struct{}), fenceWake: make(chan struct{}, 1),
 	}
 	r.pcp.Store(&pc)
 	return r
@@ -292,8 +304,9 @@ func (r *runner) run(ctx context.Context) {
 	defer close(r.done)
 	ioctx, iocancel := context.WithCancel(ctx)
 	var iowg sync.WaitGroup
-	iowg.Add(1)
+	iowg.Add(2)
 	go func() { defer iowg.Done(); r.io.run(ioctx) }()
+	go func() { defer iowg.Done(); r.fenceLoop(ioctx) }()
 	defer func() {
 		close(r.quit)
 		if r.worker != nil {
@@ -490,8 +503,7 @@ func (r *runner) linkStateAs(role Role) LinkState {
 	if !la.Open {
 		return LinkClosed
 	}
-	d := r.config().Spec.Tunables.CheckpointDelay
-	quiet := max(2*d, d+500*time.Millisecond)
+	quiet := r.linkQuiet()
 	since := la.SinceData
 	if role == RolePrimary {
 		// The primary sends the data; the secondary's replies and acknowledgements come back.
@@ -612,6 +624,7 @@ func (r *runner) publish(ctx context.Context) {
 	}
 	r.view.update(r.side, s)
 	r.persist()
+	r.updateFence()
 	if p.Role() != r.lastRole {
 		r.log.Info("role", "from", r.lastRole, "to", p.Role(), "why", p.Why())
 		r.lastRole = p.Role()
@@ -678,4 +691,71 @@ func (r *runner) paramsTarget() callReply {
 		return callReply{err: fmt.Errorf("set parameters: the pair is not protected (the primary runs alone); parameters apply to a protected pair: %w", ErrWrongState)}
 	}
 	return callReply{vm: r.vm, pc: r.config()}
+}
+
+// updateFence tells the host's fence keeper, when it changed, until when this side's primary
+// QEMU may run without an active COLO link: the policy's own deadline, or for a boot, a
+// takeover or a going-alone a minute (their sequences must not be frozen midway; they wrote
+// their primary record under the lease first).
+func (r *runner) updateFence() {
+	if r.a.cfg.Fence == nil || r.vm == nil || !runsVM(r.pol.Role()) {
+		r.guard = guardKey{}
+		return
+	}
+	role := r.pol.Role()
+	k := guardKey{pid: r.vm.PID(), until: r.pol.MayRunUntil(), link: r.migLink,
+		transitional: role == RoleBooting || role == RoleAlone || role == RoleTakingOver}
+	if k.transitional {
+		k.until = 0
+	}
+	if k == r.guard {
+		return
+	}
+	r.guard = k
+	g := fence.Guard{PID: k.pid, Until: fence.Now() + time.Duration(k.until-r.pol.Now())*r.a.cfg.Tick, Quiet: r.linkQuiet()}
+	if k.transitional {
+		g.Until = fence.Now() + time.Minute
+	}
+	if r.migLink != nil {
+		if f, err := dupFile(r.migLink); err == nil {
+			g.Link = f
+		}
+	}
+	if old := r.fenceNext.Swap(&g); old != nil && old.Link != nil {
+		old.Link.Close()
+	}
+	select {
+	case r.fenceWake <- struct{}{}:
+	default:
+	}
+}
+
+// fenceLoop sends the newest guard to the fence keeper; only the newest counts.
+func (r *runner) fenceLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			if g := r.fenceNext.Swap(nil); g != nil && g.Link != nil {
+				g.Link.Close()
+			}
+			return
+		case <-r.fenceWake:
+			g := r.fenceNext.Swap(nil)
+			if g == nil {
+				continue
+			}
+			if err := r.a.cfg.Fence.Guard(*g); err != nil {
+				r.log.Warn("the fence keeper did not take the guard", "pid", g.PID, "err", err)
+			}
+			if g.Link != nil {
+				g.Link.Close()
+			}
+		}
+	}
+}
+
+// linkQuiet is how long the migration link may be silent and still count as active.
+func (r *runner) linkQuiet() time.Duration {
+	d := r.config().Spec.Tunables.CheckpointDelay
+	return max(2*d, d+500*time.Millisecond)
 }

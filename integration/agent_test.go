@@ -11,8 +11,8 @@ import (
 
 	"github.com/lockstepvm/lockstep/checkpoint"
 	"github.com/lockstepvm/lockstep/controller"
-	"github.com/lockstepvm/lockstep/coord"
 	"github.com/lockstepvm/lockstep/integration/qemuenv"
+	"github.com/lockstepvm/lockstep/internal/teststore"
 )
 
 // agentEnv is an agent in single-host mode with one pair on the test hub.
@@ -28,7 +28,7 @@ func newAgentEnv(t *testing.T) *agentEnv {
 	kernel, initrd := guestImages(t)
 	e := newPairEnv(t, q, kernel, initrd, 200*time.Millisecond, 2)
 	state := filepath.Join(e.dir, "state")
-	cfg := controller.AgentConfig{Host: "local", StateDir: state, OverlayDir: e.overlayDir(), Log: e.log, Store: testStore(t)}
+	cfg := controller.AgentConfig{Host: "local", StateDir: state, OverlayDir: e.overlayDir(), Log: e.log, Store: teststore.New(t)}
 	a, err := controller.NewAgent(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -185,20 +185,4 @@ loop:
 		t.Fatalf("the restart changed the primary or failed over")
 	}
 	w.verify(t)
-}
-
-// testStore is a coordination store of the test's own: an etcd server in the test process.
-func testStore(t *testing.T) *coord.Etcd {
-	t.Helper()
-	emb, err := coord.StartEmbedded(coord.EmbeddedConfig{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := coord.NewEtcd(coord.EtcdConfig{Endpoints: emb.Endpoints()})
-	if err != nil {
-		emb.Close()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { store.Close(); emb.Close() })
-	return store
 }

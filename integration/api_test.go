@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -64,9 +65,24 @@ type daemon struct {
 	metrics string
 	log     *qemuenv.SyncBuffer
 	done    chan struct{}
-	// group: kill the whole process group (two-host agents, whose QEMUs die with them anyway);
-	// otherwise only the agent, whose QEMUs live on to be adopted.
+	// group: kill the whole process group (what the agent runs in a namespace of the lab);
+	// otherwise only the agent. Its QEMUs have groups of their own and live on to be adopted;
+	// the test kills them by the PIDs in their pid files.
 	group bool
+}
+
+// killFenceKeeper kills, when the test ends (after the daemons it registered before), the fence
+// keeper a lockstepd with state folder stateDir started: by the PID it wrote.
+func killFenceKeeper(t *testing.T, stateDir string) {
+	t.Cleanup(func() {
+		b, err := os.ReadFile(filepath.Join(stateDir, "_fence.pid"))
+		if err != nil {
+			return
+		}
+		if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
 }
 
 func startDaemon(t *testing.T, bin, stateDir, overlayDir, sock, metrics string) *daemon {
@@ -74,6 +90,7 @@ func startDaemon(t *testing.T, bin, stateDir, overlayDir, sock, metrics string) 
 	cmd := exec.Command(filepath.Join(bin, "lockstepd"), "--state-dir", stateDir, "--overlay-dir", overlayDir,
 		"--listen", "unix://"+sock, "--metrics-listen", metrics, "--log-level", "info")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	killFenceKeeper(t, stateDir)
 	d := launchDaemon(t, cmd, sock, "lockstepd", false)
 	d.metrics = metrics
 	return d

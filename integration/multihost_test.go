@@ -50,6 +50,7 @@ func (c *cluster) start(node *netlab.Node, args ...string) *daemon {
 	args = append([]string{"--state-dir", filepath.Join(dir, "state"), "--overlay-dir", filepath.Join(dir, "overlays"),
 		"--listen", "unix://" + sock, "--log-level", "info"}, args...)
 	cmd := node.Command(context.Background(), filepath.Join(c.bin, "lockstepd"), args...)
+	killFenceKeeper(t, filepath.Join(dir, "state"))
 	return launchDaemon(t, cmd, sock, "lockstepd on "+node.Name(), true)
 }
 

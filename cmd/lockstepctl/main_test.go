@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/lockstepvm/lockstep/controller"
+	"github.com/lockstepvm/lockstep/internal/teststore"
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 )
 
@@ -23,7 +24,7 @@ func agentAddr(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	a, err := controller.NewAgent(controller.AgentConfig{StateDir: filepath.Join(dir, "state")})
+	a, err := controller.NewAgent(controller.AgentConfig{Host: "local", StateDir: filepath.Join(dir, "state"), Store: teststore.New(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/lockstepvm/lockstep/controller"
+	"github.com/lockstepvm/lockstep/internal/teststore"
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
 )
 
@@ -37,7 +38,7 @@ func tlsAgentAddr(t *testing.T, p testPKI) string {
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(caPEM)
-	a, err := controller.NewAgent(controller.AgentConfig{StateDir: filepath.Join(t.TempDir(), "state")})
+	a, err := controller.NewAgent(controller.AgentConfig{Host: "local", StateDir: filepath.Join(t.TempDir(), "state"), Store: teststore.New(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

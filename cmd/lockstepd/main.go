@@ -99,6 +99,9 @@ Flags:
 `
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "fence-keeper" {
+		os.Exit(runFenceKeeper(os.Args[2:]))
+	}
 	os.Exit(run(os.Args[1:]))
 }
 
@@ -274,14 +277,25 @@ func startAgent(cfg config, host string, emb *coord.Embedded, srv *grpc.Server, 
 		}
 		peerAddr = pl.Addr().String()
 	}
+	keeper, err := startFenceKeeper(cfg.StateDir, log)
+	if err != nil {
+		if pl != nil {
+			pl.Close()
+		}
+		legacy.Close()
+		store.Close()
+		return nil, nil, err
+	}
 	agent, err := controller.NewAgent(controller.AgentConfig{
 		Host: host, PeerAddr: peerAddr, StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Store: store, Legacy: legacy, Log: log, Watch: watch,
+		Fence: keeper,
 		HeartbeatInterval: cfg.HeartbeatInterval, HeartbeatTimeout: cfg.HeartbeatTimeout, LeaseTTL: cfg.LeaseTTL,
 	})
 	if err != nil {
 		if pl != nil {
 			pl.Close()
 		}
+		keeper.Close()
 		legacy.Close()
 		store.Close()
 		return nil, nil, err
@@ -299,6 +313,7 @@ func startAgent(cfg config, host string, emb *coord.Embedded, srv *grpc.Server, 
 			psrv.Stop()
 		}
 		agent.Close()
+		keeper.Close()
 		legacy.Close()
 		store.Close()
 	}, nil

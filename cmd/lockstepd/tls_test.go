@@ -119,6 +119,7 @@ func startTCPAgent(t *testing.T, ready func(addr string) error, extra ...string)
 	signal.Notify(guard, syscall.SIGTERM)
 	t.Cleanup(func() { signal.Stop(guard) })
 	dir := t.TempDir()
+	killKeeper(t, filepath.Join(dir, "state"))
 	for attempt := 1; ; attempt++ {
 		addr := freePort(t)
 		args := append([]string{"--state-dir", filepath.Join(dir, "state"), "--overlay-dir", filepath.Join(dir, "ovl"),
@@ -279,6 +280,7 @@ func TestTLSFlagErrors(t *testing.T) {
 	aDir := filepath.Join(dir, "a-folder.pem") // exists but cannot be read as a file
 	os.Mkdir(aDir, 0o700)
 	addr := freePort(t)
+	killKeeper(t, filepath.Join(dir, "state"))
 	base := []string{"--state-dir", filepath.Join(dir, "state"), "--overlay-dir", filepath.Join(dir, "ovl"), "--listen", "tcp://" + addr}
 	tests := []struct {
 		name string

@@ -89,11 +89,10 @@ func StartProtection(c ProtectConfig) Sequence { return protect("start-protectio
 // sequence numbers rew0 still rewrites) breaks at re-protection instead of at the next failover.
 func Reprotect(c ProtectConfig) Sequence {
 	seq := protect("reprotect", c)
-	drop := Step{Name: "primary: object-del " + secRewriter, Run: func(ctx context.Context) error {
-		return ignoreMissing(c.Primary.ObjectDel(ctx, secRewriter))
-	}}
 	// After the probe, before anything else touches the survivor.
-	seq.Steps = append(seq.Steps[:1], append([]Step{drop}, seq.Steps[1:]...)...)
+	if err := seq.InsertAfter(stepProbe, objectDels("primary", c.Primary, secRewriter)...); err != nil {
+		panic(err) // protect always starts with the probe
+	}
 	return seq
 }
 
@@ -134,7 +133,7 @@ func protect(name string, c ProtectConfig) Sequence {
 	compareMS := int(c.Spec.Tunables.CompareTimeout / time.Millisecond)
 
 	steps := []Step{
-		{Name: "probe QEMUs", Timeout: 15 * time.Second, Run: func(ctx context.Context) error {
+		{Name: stepProbe, Timeout: 15 * time.Second, Run: func(ctx context.Context) error {
 			if !local {
 				// Refused before anything touches the primary.
 				if c.DialMigration == nil {
@@ -323,30 +322,24 @@ func protect(name string, c ProtectConfig) Sequence {
 
 // waitChardevsConnected polls query-chardev until every named socket server has its client.
 func waitChardevsConnected(ctx context.Context, c *qmp.Client, ids ...string) error {
-	for {
+	var missing []string
+	return poll(ctx, 20*time.Millisecond, "the secondary never connected to its channels", func(ctx context.Context) (bool, error) {
 		list, err := c.QueryChardev(ctx)
 		if err != nil {
-			return err
+			return false, err
 		}
 		connected := map[string]bool{}
 		for _, ch := range list {
 			connected[ch.Label] = strings.Contains(ch.Filename, "<->") && !strings.HasPrefix(ch.Filename, "disconnected")
 		}
-		var missing []string
+		missing = missing[:0]
 		for _, id := range ids {
 			if !connected[id] {
 				missing = append(missing, id)
 			}
 		}
-		if len(missing) == 0 {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("the secondary never connected to %v: %w", missing, ctx.Err())
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+		return len(missing) == 0, nil
+	})
 }
 
 // waitMigration waits for a MIGRATION event with the wanted status; failed or cancelled end it.
@@ -483,30 +476,26 @@ func AbortProtection(p *qmp.Client, g Generation) Sequence {
 			if err := p.MigrateCancel(ctx); err != nil {
 				return err
 			}
-			for {
+			return poll(ctx, 20*time.Millisecond, "the migration did not end", func(ctx context.Context) (bool, error) {
 				info, err := p.QueryMigrate(ctx)
 				if err != nil {
-					return err
+					return false, err
 				}
 				switch info.Status {
 				case "", qmp.MigrationNone, qmp.MigrationCancelled, qmp.MigrationFailed, qmp.MigrationCompleted:
-					return nil
+					return true, nil
 				}
-				select {
-				case <-ctx.Done():
-					return fmt.Errorf("migration still %s: %w", info.Status, ctx.Err())
-				case <-time.After(20 * time.Millisecond):
-				}
-			}
+				return false, nil
+			})
 		}},
 		{Name: "primary: drop " + g.ResyncJob(), Timeout: 10 * time.Second, Run: func(ctx context.Context) error {
 			if err := ignoreMissing(p.BlockJobCancel(ctx, g.ResyncJob(), true)); err != nil {
 				return err
 			}
-			for {
+			return poll(ctx, 20*time.Millisecond, "the resync job did not end", func(ctx context.Context) (bool, error) {
 				jobs, err := p.QueryBlockJobs(ctx)
 				if err != nil {
-					return err
+					return false, err
 				}
 				status := ""
 				for _, j := range jobs {
@@ -516,16 +505,12 @@ func AbortProtection(p *qmp.Client, g Generation) Sequence {
 				}
 				switch status {
 				case "":
-					return nil
+					return true, nil
 				case "concluded":
-					return ignoreMissing(p.BlockJobDismiss(ctx, g.ResyncJob()))
+					return true, ignoreMissing(p.BlockJobDismiss(ctx, g.ResyncJob()))
 				}
-				select {
-				case <-ctx.Done():
-					return fmt.Errorf("resync job still %s: %w", status, ctx.Err())
-				case <-time.After(20 * time.Millisecond):
-				}
-			}
+				return false, nil
+			})
 		}},
 	}
 	return Sequence{Name: "abort-protection", Steps: append(steps, primaryTeardown(p, g, false)...), KeepGoing: true}
@@ -542,24 +527,13 @@ func primaryTeardown(p *qmp.Client, g Generation, heartbeat bool) []Step {
 			return ignoreMissing(p.BlockdevDel(ctx, g.NBDNode()))
 		}},
 	}
-	for _, id := range []string{objCompare, objIOThread, objMirror, objRedirIn, objRedirOut} {
-		id := id
-		steps = append(steps, Step{Name: "primary: object-del " + id, Run: func(ctx context.Context) error {
-			return ignoreMissing(p.ObjectDel(ctx, id))
-		}})
-	}
+	steps = append(steps, objectDels("primary", p, objCompare, objIOThread, objMirror, objRedirIn, objRedirOut)...)
 	if heartbeat {
 		steps = append(steps, Step{Name: "primary: x-colo-lost-heartbeat", Run: func(ctx context.Context) error {
 			return p.XColoLostHeartbeat(ctx)
 		}})
 	}
-	for _, id := range []string{chCompareIn0, chCompareIn, chCompareOut0, chCompareOut, chMirror, chCompare} {
-		id := id
-		steps = append(steps, Step{Name: "primary: chardev-remove " + id, Run: func(ctx context.Context) error {
-			return ignoreMissing(p.ChardevRemove(ctx, id))
-		}})
-	}
-	return steps
+	return append(steps, chardevRemoves("primary", p, chCompareIn0, chCompareIn, chCompareOut0, chCompareOut, chMirror, chCompare)...)
 }
 
 // FailoverAsSecondary makes a secondary whose primary died (or hangs) take over: its NBD export
@@ -570,13 +544,7 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 	var steps []Step
 	if yank {
 		steps = append(steps, Step{Name: "secondary: yank migration and channels", Run: func(ctx context.Context) error {
-			// Each instance separately: one that is gone must not stop the others.
-			for _, in := range []qmp.YankInstance{{Type: "migration"}, {Type: "chardev", ID: secRed0}, {Type: "chardev", ID: secRed1}} {
-				if err := s.Yank(ctx, in); err != nil && ctx.Err() != nil {
-					return err
-				}
-			}
-			return nil
+			return yankAll(ctx, s, qmp.YankInstance{Type: "migration"}, qmp.YankInstance{Type: "chardev", ID: secRed0}, qmp.YankInstance{Type: "chardev", ID: secRed1})
 		}})
 	}
 	// QEMU's documented order: the NBD export and COLO end first, then the network filters.
@@ -592,12 +560,7 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 			return s.XColoLostHeartbeat(ctx)
 		}},
 	)
-	for _, id := range []string{secF2, secF1} {
-		id := id
-		steps = append(steps, Step{Name: "secondary: object-del " + id, Run: func(ctx context.Context) error {
-			return ignoreMissing(s.ObjectDel(ctx, id))
-		}})
-	}
+	steps = append(steps, objectDels("secondary", s, secF2, secF1)...)
 	steps = append(steps,
 		// A switch or bridge still sends the guest's traffic to the dead primary's port until it
 		// sees the guest's MAC on this side: gratuitous RARPs from the NIC move it at once.
@@ -616,14 +579,44 @@ func FailoverAsSecondary(s *qmp.Client, yank bool) Sequence {
 	// chance, see the session notes). Its one use, the sequence offsets of connections opened after the last
 	// checkpoint, is lost with it: those connections break here instead of at the next
 	// protection.
-	steps = append(steps, Step{Name: "secondary: object-del " + secRewriter, Run: func(ctx context.Context) error {
-		return ignoreMissing(s.ObjectDel(ctx, secRewriter))
-	}})
-	for _, id := range []string{secRed1, secRed0} {
-		id := id
-		steps = append(steps, Step{Name: "secondary: chardev-remove " + id, Run: func(ctx context.Context) error {
-			return ignoreMissing(s.ChardevRemove(ctx, id))
+	steps = append(steps, objectDels("secondary", s, secRewriter)...)
+	steps = append(steps, chardevRemoves("secondary", s, secRed1, secRed0)...)
+	return Sequence{Name: "failover-as-secondary", Steps: steps}
+}
+
+const stepProbe = "probe QEMUs"
+
+// objectDels are steps that delete the objects ids from who's QEMU (c); one already gone is no
+// error, so that a sequence can run again after a partial failure.
+func objectDels(who string, c *qmp.Client, ids ...string) []Step {
+	steps := make([]Step, 0, len(ids))
+	for _, id := range ids {
+		steps = append(steps, Step{Name: who + ": object-del " + id, Run: func(ctx context.Context) error {
+			return ignoreMissing(c.ObjectDel(ctx, id))
 		}})
 	}
-	return Sequence{Name: "failover-as-secondary", Steps: steps}
+	return steps
+}
+
+// chardevRemoves are steps that remove the chardevs ids from who's QEMU (c), as objectDels.
+func chardevRemoves(who string, c *qmp.Client, ids ...string) []Step {
+	steps := make([]Step, 0, len(ids))
+	for _, id := range ids {
+		steps = append(steps, Step{Name: who + ": chardev-remove " + id, Run: func(ctx context.Context) error {
+			return ignoreMissing(c.ChardevRemove(ctx, id))
+		}})
+	}
+	return steps
+}
+
+// yankAll yanks each instance separately (out of band): one that is gone (no migration any
+// more, a channel already removed by an earlier try) must not stop the others. It fails only
+// when ctx ends.
+func yankAll(ctx context.Context, c *qmp.Client, instances ...qmp.YankInstance) error {
+	for _, in := range instances {
+		if err := c.Yank(ctx, in); err != nil && ctx.Err() != nil {
+			return err
+		}
+	}
+	return nil
 }

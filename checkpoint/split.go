@@ -106,19 +106,8 @@ func SecondaryInColo(ctx context.Context, s *qmp.Client) error {
 func FailoverAsPrimaryYank(p *qmp.Client, g Generation) Sequence {
 	seq := FailoverAsPrimary(p, g)
 	yank := Step{Name: "primary: yank migration and channels", Run: func(ctx context.Context) error {
-		// Each instance separately: one that is gone (no migration any more, a channel already
-		// removed by an earlier try) must not stop the others.
-		for _, in := range []qmp.YankInstance{
-			{Type: "migration"},
-			{Type: "block-node", NodeName: g.NBDNode()},
-			{Type: "chardev", ID: chMirror},
-			{Type: "chardev", ID: chCompare},
-		} {
-			if err := p.Yank(ctx, in); err != nil && ctx.Err() != nil {
-				return err
-			}
-		}
-		return nil
+		return yankAll(ctx, p, qmp.YankInstance{Type: "migration"}, qmp.YankInstance{Type: "block-node", NodeName: g.NBDNode()},
+			qmp.YankInstance{Type: "chardev", ID: chMirror}, qmp.YankInstance{Type: "chardev", ID: chCompare})
 	}}
 	// x-colo-lost-heartbeat only requests the failover; a guest that a stuck checkpoint stopped
 	// ("colo") is restarted afterwards by QEMU's migration thread (on 11.1.3 it ran again by the
@@ -128,29 +117,29 @@ func FailoverAsPrimaryYank(p *qmp.Client, g Generation) Sequence {
 	wait := Step{Name: "primary: wait running", Run: func(ctx context.Context) error {
 		return waitRunning(ctx, p)
 	}}
-	seq.Steps = append(append([]Step{yank}, seq.Steps...), wait)
+	seq.Prepend(yank)
+	seq.Append(wait)
 	return seq
 }
 
 // waitRunning polls query-status until the guest runs.
 func waitRunning(ctx context.Context, c *qmp.Client) error {
 	var last qmp.RunState
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
+	err := poll(ctx, 10*time.Millisecond, "the guest did not resume after COLO ended", func(ctx context.Context) (bool, error) {
 		st, err := c.QueryStatus(ctx)
 		switch {
 		case err == nil && st.Status == qmp.RunStateRunning:
-			return nil
+			return true, nil
 		case err == nil:
 			last = st.Status
+			return false, nil
 		case last == "" || ctx.Err() == nil:
-			return err
+			return false, err
 		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("the guest did not resume after COLO ended (run state %q): %w", last, ctx.Err())
-		case <-tick.C:
-		}
+		return false, nil
+	})
+	if err != nil && last != "" {
+		return fmt.Errorf("%w (run state %q)", err, last)
 	}
+	return err
 }

@@ -133,3 +133,40 @@ func (q Sequence) StepNames() []string {
 	}
 	return out
 }
+
+// InsertAfter inserts steps right after the step named name; an error if there is none.
+func (q *Sequence) InsertAfter(name string, steps ...Step) error {
+	for i, s := range q.Steps {
+		if s.Name == name {
+			q.Steps = append(q.Steps[:i+1], append(append([]Step(nil), steps...), q.Steps[i+1:]...)...)
+			return nil
+		}
+	}
+	return fmt.Errorf("sequence %s has no step %q", q.Name, name)
+}
+
+// Prepend puts steps before the first step; Append after the last.
+func (q *Sequence) Prepend(steps ...Step) {
+	q.Steps = append(append([]Step(nil), steps...), q.Steps...)
+}
+
+// Append adds steps after the last one.
+func (q *Sequence) Append(steps ...Step) { q.Steps = append(q.Steps, steps...) }
+
+// poll calls check every interval until it reports done, fails, or ctx ends; what says what is
+// awaited, for the error.
+func poll(ctx context.Context, interval time.Duration, what string, check func(ctx context.Context) (bool, error)) error {
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		done, err := check(ctx)
+		if err != nil || done {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w", what, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}

@@ -12,7 +12,6 @@ import (
 
 	"github.com/lockstepvm/lockstep/checkpoint"
 	"github.com/lockstepvm/lockstep/coord"
-	"github.com/lockstepvm/lockstep/qmp"
 )
 
 // sideState is what a side's runner saves for its successor (side.json in the side's folder),
@@ -152,7 +151,7 @@ func (r *runner) start(ctx context.Context) {
 
 // adopt takes over the QEMU vm an earlier agent left running.
 func (r *runner) adopt(ctx context.Context, vm *checkpoint.VM, cfg Config) (*Policy, []Action, bool) {
-	cs, err := vm.QMP.QueryColoStatus(ctx)
+	cs, err := checkpoint.Inspect(ctx, vm)
 	if err != nil {
 		r.log.Warn("adopted QEMU does not answer query-colo-status; killing it", "err", err)
 		vm.Kill()
@@ -162,29 +161,19 @@ func (r *runner) adopt(ctx context.Context, vm *checkpoint.VM, cfg Config) (*Pol
 	switch {
 	case r.saved.Role == RolePrimary || r.saved.Role == RoleSecondary:
 		a.Role = r.saved.Role
-	case cs.Mode == qmp.ColoModePrimary:
+	case cs.Mode == "primary":
 		a.Role = RolePrimary
-	case cs.Mode == qmp.ColoModeSecondary:
+	case cs.Mode == "secondary" || cs.Incoming:
 		a.Role = RoleSecondary
 	default:
-		st, err := vm.QMP.QueryStatus(ctx)
 		a.Role = RolePrimary
-		if err == nil && st.Status == "inmigrate" {
-			a.Role = RoleSecondary
-		}
 	}
-	a.Colo = (a.Role == RolePrimary && cs.Mode == qmp.ColoModePrimary) || (a.Role == RoleSecondary && cs.Mode == qmp.ColoModeSecondary)
-	if a.Role == RolePrimary && !a.Colo {
+	a.Colo = (a.Role == RolePrimary && cs.Mode == "primary") || (a.Role == RoleSecondary && cs.Mode == "secondary")
+	if a.Role == RolePrimary && !a.Colo && cs.Migrating {
 		// An agent that died while protecting left the migration in between: undo it, so
 		// that the primary runs on as it did before.
-		if info, err := vm.QMP.QueryMigrate(ctx); err == nil {
-			switch info.Status {
-			case "", qmp.MigrationNone, qmp.MigrationCompleted, qmp.MigrationCancelled, qmp.MigrationFailed:
-			default:
-				r.log.Info("the earlier agent left a protection unfinished: aborting it", "migration", info.Status)
-				abortProtection(r, vm.QMP, r.saved.Generation)
-			}
-		}
+		r.log.Info("the earlier agent left a protection unfinished: aborting it")
+		checkpoint.CleanUpProtection(ctx, r.log, vm.QMP, r.saved.Generation, r.view.progress)
 	}
 	if a.Colo && r.saved.Link != nil {
 		if f, err := vm.FindSocket(*r.saved.Link); err == nil {
@@ -208,15 +197,13 @@ func (r *runner) adopt(ctx context.Context, vm *checkpoint.VM, cfg Config) (*Pol
 	r.gen, r.wasSecond, r.held = r.saved.Generation, r.saved.WasSecond, r.saved.Lease
 	r.setVM(ctx, vm)
 	if a.Role == RolePrimary && a.Colo {
-		obs := checkpoint.NewObserver(r.config().Spec.Tunables.CheckpointDelay)
+		obs := checkpoint.ObserveInColo(vm, r.config().Spec.Tunables.CheckpointDelay)
 		if r.migLink != nil {
 			if f, err := dupFile(r.migLink); err == nil {
-				obs.SetMigrationSocket(f)
+				obs.Observer.SetMigrationSocket(f)
 			}
 		}
-		sub := vm.QMP.Subscribe(checkpoint.ObserverEvents...)
-		obs.Observe(&qmp.Event{Name: qmp.EventMigration, Data: []byte(`{"status":"colo"}`), Time: time.Now()})
-		r.runObserver(obs, sub)
+		r.runObserver(obs)
 	}
 	r.log.Info("QEMU adopted", "pid", vm.PID(), "role", a.Role, "colo", a.Colo, "frozen", a.Frozen, "generation", a.Gen, "link", r.migLink != nil)
 	return pol, acts, true

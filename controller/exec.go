@@ -12,7 +12,6 @@ import (
 
 	"github.com/lockstepvm/lockstep/checkpoint"
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
-	"github.com/lockstepvm/lockstep/qmp"
 )
 
 // exec carries out the policy's actions, in order: store and peer requests on the io
@@ -142,22 +141,15 @@ func (r *runner) exec(ctx context.Context, acts []Action) {
 			})
 		case ActSwitchover:
 			vm := r.dropVM()
-			delay := uint32(r.config().Spec.Tunables.CheckpointDelay / time.Millisecond)
-			r.io.push(func(ctx context.Context) {
-				if vm == nil {
-					return
+			delay := r.config().Spec.Tunables.CheckpointDelay
+			r.spawn(ctx, func(ctx context.Context) any {
+				if vm != nil {
+					cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+					r.log.Info("switchover: a last checkpoint, then the old primary is killed", "pid", vm.PID())
+					checkpoint.FlushAndKill(cctx, vm, delay)
+					cancel()
 				}
-				// Setting the delay during COLO starts a checkpoint at once: what colo-compare
-				// holds is released, and the secondary has all the primary has.
-				sub := vm.QMP.Subscribe(qmp.EventResume)
-				cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-				if err := vm.QMP.MigrateSetParameters(cctx, qmp.MigrationParameters{XCheckpointDelay: &delay}); err == nil {
-					_, _ = sub.Next(cctx)
-				}
-				cancel()
-				sub.Close()
-				r.log.Info("switchover: killing the old primary after its last checkpoint", "pid", vm.PID())
-				vm.Kill()
+				return SwitchedOver{}
 			})
 		case ActHandOver:
 			r.handedOver = &handOverNote{at: time.Now(), kind: a.Kind, why: a.Why, epoch: a.Epoch}
@@ -235,54 +227,21 @@ func (r *runner) protect(ctx context.Context, prim *checkpoint.VM, a ActProtect,
 	g := checkpoint.Generation{N: a.Gen, PrimaryHost: ps.Host, SecondaryHost: res.SecondaryAddress,
 		Ports: checkpoint.Ports{NBD: res.NBDPort, Mirror: ports[0], Compare: ports[1], CompareIn: ports[2], CompareOut: ports[3]}}
 	migAddr := net.JoinHostPort(res.SecondaryAddress, fmt.Sprint(res.MigrationPort))
-	obs := checkpoint.NewObserver(pc.Spec.Tunables.CheckpointDelay)
+	obs := checkpoint.Observe(prim, pc.Spec.Tunables.CheckpointDelay)
 	var link *os.File
 	cfg := checkpoint.ProtectConfig{
 		Spec: pc.Spec, Gen: g, Primary: prim.QMP, SecondaryVersion: res.SecondaryQEMUVersion,
-		DialMigration: dialLink(migAddr, obs, &link),
+		DialMigration: dialLink(migAddr, obs.Observer, &link),
 		OnResync:      r.view.resyncProgress,
 	}
-	sub, err := runProtection(ctx, r, cfg, obs, reprotect)
-	if err != nil {
+	if err := checkpoint.RunProtection(ctx, r.a.ctx, r.log, r.view.progress, cfg, obs, reprotect); err != nil {
+		obs.Stop()
 		if link != nil {
 			link.Close()
 		}
 		return fail(err)
 	}
-	return result{ev: Protected{Gen: a.Gen}, gen: &g, link: link, observe: &observerStart{obs: obs, sub: sub}}
-}
-
-// runProtection runs the primary's protection sequence (Reprotect after a takeover, else
-// StartProtection) with obs's subscription to the primary's events opened first, so that no
-// checkpoint goes unseen. On failure it closes both and cleans the primary (abortProtection).
-func runProtection(ctx context.Context, r *runner, cfg checkpoint.ProtectConfig, obs *checkpoint.Observer, reprotect bool) (*qmp.Subscription, error) {
-	seq := checkpoint.StartProtection(cfg)
-	if reprotect {
-		seq = checkpoint.Reprotect(cfg)
-	}
-	sub := cfg.Primary.Subscribe(checkpoint.ObserverEvents...)
-	if _, err := seq.Run(ctx, r.log, r.view.progress); err != nil {
-		sub.Close()
-		obs.Close()
-		abortProtection(r, cfg.Primary, cfg.Gen)
-		return nil, err
-	}
-	return sub, nil
-}
-
-// abortProtection cleans a primary after a failed protection, so that the next attempt can
-// add the same channels and objects again. It runs even when the worker was cancelled.
-func abortProtection(r *runner, p *qmp.Client, g checkpoint.Generation) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	seq := checkpoint.AbortProtection(p, g)
-	if info, err := p.QueryMigrate(ctx); err == nil && info.Status == qmp.MigrationColo {
-		// It failed after COLO started (its last check): COLO must end too.
-		seq = checkpoint.FailoverAsPrimary(p, g)
-	}
-	if _, err := seq.Run(ctx, r.log, r.view.progress); err != nil {
-		r.log.Error("cleaning up after a failed protection", "err", err)
-	}
+	return result{ev: Protected{Gen: a.Gen}, gen: &g, link: link, observe: obs}
 }
 
 // dialLink opens the migration connection to addr with TCP_NODELAY (Go's default); the
@@ -363,9 +322,11 @@ func (r *runner) prepare(ctx context.Context, gen int, pp *pendingPrepare) any {
 	fail := func(err error) any {
 		return result{ev: PrepareFailed{Gen: gen, Err: err.Error()}, prep: res}
 	}
-	spec := req.Config.Spec.WithDefaults()
-	if spec.Name == "" {
-		spec = r.config().Spec
+	// The pair as this agent has it (the store's copy), with the tunables the primary's agent
+	// runs with, which may be newer.
+	spec := r.config().Spec
+	if req.Config.Spec.Name == spec.Name {
+		spec.Tunables = req.Config.Spec.WithDefaults().Tunables
 	}
 	ss := r.localSide()
 	ports, err := freeTCPPorts(ss.Host, 3)

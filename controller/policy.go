@@ -221,6 +221,8 @@ type (
 	}
 	// Marked: the primary record of an ActMark was written.
 	Marked struct{ Rec PrimaryRecord }
+	// SwitchedOver: the end of ActSwitchover; the old primary's QEMU is dead.
+	SwitchedOver struct{}
 )
 
 // Event is an input of the policy.
@@ -255,6 +257,7 @@ func (TakeoverFailed) isEvent()   {}
 func (AloneDone) isEvent()        {}
 func (AloneFailed) isEvent()      {}
 func (Marked) isEvent()           {}
+func (SwitchedOver) isEvent()     {}
 
 // Action is an output of the policy for the runner to carry out.
 type Action interface{ isAction() }
@@ -269,7 +272,7 @@ type (
 	ActAcquire struct{ SentAt int }
 	// ActRenew renews the held lease; SentAt is now.
 	ActRenew struct{ SentAt int }
-	// ActRelease gives the lease up (before ActHandOver is sent).
+	// ActRelease gives the lease up.
 	ActRelease struct{ Epoch uint64 }
 	// ActProbeStore asks the store who holds the lease; SentAt is now.
 	ActProbeStore struct{ SentAt int }
@@ -314,8 +317,8 @@ type (
 	}
 	// ActTearDownPeer asks the peer to drop its secondary of generation Gen.
 	ActTearDownPeer struct{ Gen int }
-	// ActSwitchover flushes our primary's held output with a checkpoint and kills it; the
-	// actions after it release the lease and hand over.
+	// ActSwitchover flushes our primary's held output with a checkpoint and kills it, then
+	// reports SwitchedOver; the lease is held until then, and handed over after.
 	ActSwitchover struct{}
 )
 
@@ -723,6 +726,10 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 		if e.Rec == p.record(p.colo) {
 			p.marked = true
 		}
+	case SwitchedOver:
+		if p.role == RoleHandingOver {
+			acts = p.handOverActions(p.handOverKind, p.handOverWhy)
+		}
 	case PrepareRequest:
 		if e.Epoch < p.epoch {
 			return nil, fmt.Errorf("prepare secondary for epoch %d: this side knows epoch %d: %w", e.Epoch, p.epoch, ErrStaleEpoch)
@@ -831,8 +838,10 @@ func (p *Policy) failoverRequest(e FailoverRequest) ([]Action, error) {
 	if why == "" {
 		why = "planned switchover"
 	}
-	acts := []Action{ActSwitchover{}}
-	return append(acts, p.handOverActions(HandOverPlanned, why)...), nil
+	// The lease stays ours until the QEMU is dead: a peer that got it sooner could take over
+	// while the old primary still runs its last checkpoint.
+	p.role, p.why, p.handOverKind, p.handOverWhy = RoleHandingOver, why, HandOverPlanned, why
+	return []Action{ActSwitchover{}}, nil
 }
 
 // sawHolder records who the store says holds the lease now.
@@ -867,7 +876,12 @@ func (p *Policy) release() []Action {
 }
 
 func (p *Policy) tryAcquire() []Action {
-	if p.acquiring || p.held || (p.acquireAt > 0 && p.now-p.acquireAt < p.cfg.AcquireEvery && !p.handOver) {
+	// Asked to take over, a side asks again at every tick until the lease is released to it.
+	every := p.cfg.AcquireEvery
+	if p.handOver {
+		every = 1
+	}
+	if p.acquiring || p.held || (p.acquireAt > 0 && p.now-p.acquireAt < every) {
 		return nil
 	}
 	p.acquiring, p.acquireAt = true, p.now
@@ -964,9 +978,12 @@ func (p *Policy) stop() []Action {
 
 // handOverActions give the lease up and ask the peer to take over; our QEMU is dead or
 // killed by the actions before these.
+//
+// The hand-over goes before the release: the peer learns why before it can get the lease, so
+// that its takeover records a hand-over (it asks again until the release lands).
 func (p *Policy) handOverActions(kind HandOverKind, why string) []Action {
-	acts := p.release()
-	acts = append(acts, ActHandOver{Epoch: p.epoch, Kind: kind, Why: why})
+	acts := []Action{ActHandOver{Epoch: p.epoch, Kind: kind, Why: why}}
+	acts = append(acts, p.release()...)
 	p.role, p.colo, p.fenced, p.marked, p.why, p.coloLost = RoleIdle, false, false, false, why, ""
 	return acts
 }

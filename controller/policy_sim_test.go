@@ -248,6 +248,7 @@ func (w *simWorld) do(i int, a Action) {
 		h.vm = simVM{}
 	case ActSwitchover:
 		h.vm = simVM{}
+		w.send(i, SwitchedOver{}, 1+w.delay())
 	case ActTakeOver:
 		if !w.reachStore(i) || w.storeFree() || w.holder != h.name || w.epoch != a.Rec.Epoch {
 			w.send(i, TakeoverFailed{Err: "store", StoreDown: true}, 1)

@@ -14,7 +14,6 @@ import (
 	"github.com/lockstepvm/lockstep/checkpoint"
 	"github.com/lockstepvm/lockstep/coord"
 	"github.com/lockstepvm/lockstep/fence"
-	"github.com/lockstepvm/lockstep/qmp"
 )
 
 // runner owns one side of one pair in this agent: its policy, its QEMU, its lease, its copy of
@@ -69,8 +68,7 @@ type runner struct {
 	workerWG    sync.WaitGroup
 	prepared    *prepared
 	migLink     *os.File // this agent's copy of the migration connection
-	obs         *checkpoint.Observer
-	obsStop     func()
+	obs         *checkpoint.Observation
 	pendingPrep *pendingPrepare
 	lastTick    time.Time
 	handedOver  *handOverNote
@@ -134,7 +132,7 @@ type (
 		prepRes   PrepareResult
 		wasSecond bool
 		link      *os.File
-		observe   *observerStart
+		observe   *checkpoint.Observation
 	}
 	// leaseGot carries a granted lease with the policy's event.
 	leaseGot struct {
@@ -143,16 +141,10 @@ type (
 	}
 	// vmSignal is a failure signal of the side's QEMU.
 	vmSignal struct {
-		vm     *checkpoint.VM
-		kind   checkpoint.SignalKind
-		reason qmp.ColoExitReason
+		vm  *checkpoint.VM
+		sig checkpoint.Signal
 	}
 )
-
-type observerStart struct {
-	obs *checkpoint.Observer
-	sub *qmp.Subscription
-}
 
 func newRunner(a *Agent, pc PairConfig, side Side, view *pairView, link PeerLink, backend checkpoint.Backend) *runner {
 	holder := pc.Sides[side].Agent + ":" + side.String()
@@ -366,7 +358,7 @@ func (r *runner) setConfig(pc PairConfig) {
 	r.pcp.Store(&cur)
 	r.view.setConfig(cur)
 	if r.obs != nil {
-		r.obs.SetDelay(cur.Spec.Tunables.CheckpointDelay)
+		r.obs.Observer.SetDelay(cur.Spec.Tunables.CheckpointDelay)
 	}
 }
 
@@ -402,20 +394,20 @@ func (r *runner) handle(ctx context.Context, m any) {
 		if e.vm != r.vm {
 			return // about a VM that is gone already
 		}
-		switch e.kind {
+		switch e.sig.Kind {
 		case checkpoint.SignalProcessExited, checkpoint.SignalQMPLost:
-			r.log.Warn("local QEMU failure", "signal", e.kind)
-			r.step(ctx, LocalFailed{Why: string(e.kind)})
+			r.log.Warn("local QEMU failure", "signal", e.sig.Kind)
+			r.step(ctx, LocalFailed{Why: string(e.sig.Kind)})
 		case checkpoint.SignalQMPTimeout:
 			if r.pol.Fenced() {
 				return // a frozen QEMU does not answer: that is the fence
 			}
-			r.log.Warn("local QEMU hangs", "signal", e.kind)
-			r.step(ctx, LocalFailed{Why: string(e.kind)})
+			r.log.Warn("local QEMU hangs", "signal", e.sig.Kind)
+			r.step(ctx, LocalFailed{Why: string(e.sig.Kind)})
 		case checkpoint.SignalColoExit:
-			if e.reason == qmp.ColoExitError {
-				r.log.Warn("COLO ended with an error", "side", r.side)
-				r.step(ctx, ColoLost{Why: "COLO_EXIT " + string(e.reason)})
+			if e.sig.IsColoError() {
+				r.log.Warn("COLO ended with an error")
+				r.step(ctx, ColoLost{Why: "COLO_EXIT " + string(e.sig.Reason)})
 			}
 		case checkpoint.SignalMigrationFailed:
 			r.log.Warn("the migration failed")
@@ -456,7 +448,7 @@ func (r *runner) handle(ctx context.Context, m any) {
 			r.prepared = e.prepared
 		}
 		if e.observe != nil {
-			r.runObserver(e.observe.obs, e.observe.sub)
+			r.runObserver(e.observe)
 		}
 		if e.prep != nil {
 			var err error
@@ -530,7 +522,7 @@ func (r *runner) setVM(ctx context.Context, vm *checkpoint.VM) {
 		for {
 			select {
 			case sg := <-sigs:
-				r.post(wctx, vmSignal{vm: vm, kind: sg.Kind, reason: sg.Reason})
+				r.post(wctx, vmSignal{vm: vm, sig: sg})
 			case <-wctx.Done():
 				return
 			}
@@ -657,25 +649,22 @@ func (r *runner) publishStats() {
 	if r.obs == nil {
 		return
 	}
-	r.view.stats(r.side, r.obs.Stats())
+	r.view.stats(r.side, r.obs.Observer.Stats())
 }
 
-// runObserver runs obs over sub until the next runObserver or stopObserver.
-func (r *runner) runObserver(obs *checkpoint.Observer, sub *qmp.Subscription) {
+// runObserver runs the observation of the primary's checkpoints until the next one or
+// stopObserver.
+func (r *runner) runObserver(o *checkpoint.Observation) {
 	r.stopObserver()
-	obs.OnCheckpoint(r.metrics.checkpoint)
-	octx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = obs.Run(octx, sub) }()
-	r.obs = obs
-	r.obsStop = func() { cancel(); <-done; sub.Close(); obs.Close() }
+	o.Start(r.metrics.checkpoint)
+	r.obs = o
 }
 
 func (r *runner) stopObserver() {
-	if r.obsStop != nil {
-		r.obsStop()
+	if r.obs != nil {
+		r.obs.Stop()
 	}
-	r.obs, r.obsStop = nil, nil
+	r.obs = nil
 }
 
 // paramsTarget answers a request for the protected primary's QEMU and the pair's config: only

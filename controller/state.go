@@ -52,20 +52,21 @@ type Role string
 
 // Side roles.
 const (
-	RoleIdle       Role = "idle"        // no QEMU of the pair runs on this side
-	RoleBooting    Role = "booting"     // the primary QEMU starts (the lease is held)
-	RolePrimary    Role = "primary"     // runs the VM: alone, or in COLO with the peer
-	RoleProtecting Role = "protecting"  // primary; a protection with the peer runs
-	RoleAlone      Role = "going-alone" // primary; failover as primary runs (peer lost)
-	RoleJoining    Role = "joining"     // a secondary for the peer, not yet in COLO
-	RoleSecondary  Role = "secondary"   // the secondary, in COLO with the peer
-	RoleTakingOver Role = "taking-over" // failover as secondary runs (the lease is held)
-	RoleFailed     Role = "failed"      // the VM is lost here; the operator decides
+	RoleIdle        Role = "idle"         // no QEMU of the pair runs on this side
+	RoleBooting     Role = "booting"      // the primary QEMU starts (the lease is held)
+	RolePrimary     Role = "primary"      // runs the VM: alone, or in COLO with the peer
+	RoleProtecting  Role = "protecting"   // primary; a protection with the peer runs
+	RoleAlone       Role = "going-alone"  // primary; failover as primary runs (peer lost)
+	RoleHandingOver Role = "handing-over" // primary; a planned switchover flushes and stops it
+	RoleJoining     Role = "joining"      // a secondary for the peer, not yet in COLO
+	RoleSecondary   Role = "secondary"    // the secondary, in COLO with the peer
+	RoleTakingOver  Role = "taking-over"  // failover as secondary runs (the lease is held)
+	RoleFailed      Role = "failed"       // the VM is lost here; the operator decides
 )
 
 // runsVM reports whether a side in role r runs the VM as its primary.
 func runsVM(r Role) bool {
-	return r == RolePrimary || r == RoleProtecting || r == RoleAlone || r == RoleTakingOver || r == RoleBooting
+	return r == RolePrimary || r == RoleProtecting || r == RoleAlone || r == RoleTakingOver || r == RoleBooting || r == RoleHandingOver
 }
 
 // Errors of the agent's API; the gRPC adapter maps them to codes.

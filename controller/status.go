@@ -248,7 +248,7 @@ func pairState(s *sideSnap) State {
 		return StateProtecting
 	case RoleSecondary:
 		return StateProtected
-	case RoleAlone, RoleTakingOver:
+	case RoleAlone, RoleTakingOver, RoleHandingOver:
 		return StateFailingOver
 	case RoleFailed:
 		return StateFailed
@@ -263,7 +263,7 @@ func pairState(s *sideSnap) State {
 			return StateDegraded
 		case RoleProtecting:
 			return StateReprotecting
-		case RoleAlone, RoleTakingOver:
+		case RoleAlone, RoleTakingOver, RoleHandingOver:
 			return StateFailingOver
 		}
 	}

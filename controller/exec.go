@@ -39,6 +39,11 @@ func (r *runner) exec(ctx context.Context, acts []Action) {
 			})
 		case ActRenew:
 			h := r.held
+			if h.Epoch != a.Epoch {
+				r.log.Error("renewal of a lease the runner does not hold", "epoch", a.Epoch, "held", h.Epoch)
+				r.io.push(func(ctx context.Context) { r.post(ctx, LeaseLost{Epoch: a.Epoch}) })
+				continue
+			}
 			r.io.push(func(ctx context.Context) { r.post(ctx, r.store.renew(ctx, h, a.SentAt)) })
 		case ActRelease:
 			h := r.held

@@ -414,8 +414,12 @@ func (r *runner) handle(ctx context.Context, m any) {
 			r.step(ctx, ColoLost{Why: "migration failed"})
 		}
 	case leaseGot:
-		r.held = e.held
+		prev := r.held
+		r.held = e.held // the actions of this very step (the mark) need it
 		r.step(ctx, e.ev)
+		if r.pol.Holds() && r.pol.LeaseEpoch() != e.held.Epoch {
+			r.held = prev // a late answer the policy did not take: it holds a newer lease
+		}
 	case migrationLink:
 		if e.vm != r.vm || r.vm == nil {
 			e.f.Close()
@@ -680,71 +684,4 @@ func (r *runner) paramsTarget() callReply {
 		return callReply{err: fmt.Errorf("set parameters: the pair is not protected (the primary runs alone); parameters apply to a protected pair: %w", ErrWrongState)}
 	}
 	return callReply{vm: r.vm, pc: r.config()}
-}
-
-// updateFence tells the host's fence keeper, when it changed, until when this side's primary
-// QEMU may run without an active COLO link: the policy's own deadline, or for a boot, a
-// takeover or a going-alone a minute (their sequences must not be frozen midway; they wrote
-// their primary record under the lease first).
-func (r *runner) updateFence() {
-	if r.a.cfg.Fence == nil || r.vm == nil || !runsVM(r.pol.Role()) {
-		r.guard = guardKey{}
-		return
-	}
-	role := r.pol.Role()
-	k := guardKey{pid: r.vm.PID(), until: r.pol.MayRunUntil(), link: r.migLink,
-		transitional: role == RoleBooting || role == RoleAlone || role == RoleTakingOver}
-	if k.transitional {
-		k.until = 0
-	}
-	if k == r.guard {
-		return
-	}
-	r.guard = k
-	g := fence.Guard{PID: k.pid, Until: fence.Now() + time.Duration(k.until-r.pol.Now())*r.a.cfg.Tick, Quiet: r.linkQuiet()}
-	if k.transitional {
-		g.Until = fence.Now() + time.Minute
-	}
-	if r.migLink != nil {
-		if f, err := dupFile(r.migLink); err == nil {
-			g.Link = f
-		}
-	}
-	if old := r.fenceNext.Swap(&g); old != nil && old.Link != nil {
-		old.Link.Close()
-	}
-	select {
-	case r.fenceWake <- struct{}{}:
-	default:
-	}
-}
-
-// fenceLoop sends the newest guard to the fence keeper; only the newest counts.
-func (r *runner) fenceLoop(ctx context.Context) {
-	for {
-		select {
-		case <-ctx.Done():
-			if g := r.fenceNext.Swap(nil); g != nil && g.Link != nil {
-				g.Link.Close()
-			}
-			return
-		case <-r.fenceWake:
-			g := r.fenceNext.Swap(nil)
-			if g == nil {
-				continue
-			}
-			if err := r.a.cfg.Fence.Guard(*g); err != nil {
-				r.log.Warn("the fence keeper did not take the guard", "pid", g.PID, "err", err)
-			}
-			if g.Link != nil {
-				g.Link.Close()
-			}
-		}
-	}
-}
-
-// linkQuiet is how long the migration link may be silent and still count as active.
-func (r *runner) linkQuiet() time.Duration {
-	d := r.config().Spec.Tunables.CheckpointDelay
-	return max(2*d, d+500*time.Millisecond)
 }

@@ -569,7 +569,9 @@ func TestRunnerCloseDuringProtection(t *testing.T) {
 	if _, err := a.Create(fakePair(t, "db1")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, a, "db1", "protecting", func(s Status) bool { return s.Roles[SideA] == RoleProtecting && s.Step != nil && strings.Contains(s.Step.Step, "migrate") })
+	waitFor(t, a, "db1", "protecting", func(s Status) bool {
+		return s.Roles[SideA] == RoleProtecting && s.Step != nil && strings.Contains(s.Step.Step, "migrate")
+	})
 	closed := make(chan struct{})
 	go func() { a.Close(); close(closed) }()
 	select {

@@ -78,10 +78,10 @@ func (q *ioQueue) run(ctx context.Context) {
 	}
 }
 
-// storeEvent maps a failed lease request to the policy's event.
-func storeEvent(err error) Event {
+// storeEvent maps a failed request about the lease of epoch to the policy's event.
+func storeEvent(err error, epoch uint64) Event {
 	if errors.Is(err, coord.ErrLeaseLost) {
-		return LeaseLost{}
+		return LeaseLost{Epoch: epoch}
 	}
 	return StoreDown{}
 }
@@ -136,9 +136,9 @@ func (s *storeIO) renew(ctx context.Context, h coord.Held, sentAt int) Event {
 	cctx, cancel := context.WithTimeout(ctx, s.probe)
 	defer cancel()
 	if err := s.st.Renew(cctx, h); err != nil {
-		return storeEvent(err)
+		return storeEvent(err, h.Epoch)
 	}
-	return LeaseRenewed{SentAt: sentAt}
+	return LeaseRenewed{SentAt: sentAt, Epoch: h.Epoch}
 }
 
 func (s *storeIO) release(ctx context.Context, h coord.Held) error {

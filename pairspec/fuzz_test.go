@@ -18,7 +18,10 @@ import (
 // check each other.
 func checkProto(t testing.TB, s *pb.PairSpec) {
 	t.Helper()
-	fail := func(format string, a ...any) { t.Helper(); t.Errorf("accepted spec breaks the API's rules: "+format+"\n%v", append(a, s)...) }
+	fail := func(format string, a ...any) {
+		t.Helper()
+		t.Errorf("accepted spec breaks the API's rules: "+format+"\n%v", append(a, s)...)
+	}
 	if !regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`).MatchString(s.GetName()) {
 		fail("name %q", s.GetName())
 	}

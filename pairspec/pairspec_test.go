@@ -80,8 +80,8 @@ func TestDecodeGood(t *testing.T) {
 				Append: "console=ttyS0", DiskSizeBytes: 64 << 20,
 				Nic:         &pb.Nic{Mac: "52:54:00:12:34:56", Backend: pb.NicBackend_NIC_BACKEND_SOCKET},
 				QemuCommand: []string{"qemu-system-x86_64"}, Tunables: &pb.Tunables{CheckpointDelay: durationpb.New(200 * time.Millisecond)},
-				Primary:     &pb.Placement{Host: "127.0.0.1", Address: "127.0.0.1", DiskPath: "/disks/a.raw", NetSocket: "127.0.0.1:7001"},
-				Secondary:   &pb.Placement{Host: "127.0.0.1", Address: "127.0.0.1", DiskPath: "/disks/b.raw", NetSocket: "127.0.0.1:7002"},
+				Primary:   &pb.Placement{Host: "127.0.0.1", Address: "127.0.0.1", DiskPath: "/disks/a.raw", NetSocket: "127.0.0.1:7001"},
+				Secondary: &pb.Placement{Host: "127.0.0.1", Address: "127.0.0.1", DiskPath: "/disks/b.raw", NetSocket: "127.0.0.1:7002"},
 			}
 			if !proto.Equal(s, want) {
 				t.Errorf("got  %v\nwant %v", s, want)

@@ -51,6 +51,7 @@ func Decode(data []byte) (*Pair, error) {
 		})
 		return nil, d.errs
 	}
+	p.at = d.at
 	return p, nil
 }
 

@@ -29,6 +29,18 @@ type Pair struct {
 	Metadata   Metadata `yaml:"metadata" json:"metadata"`
 	Spec       Spec     `yaml:"spec" json:"spec"`
 	Status     *Status  `yaml:"status,omitempty" json:"status,omitempty" decode:"ignore"`
+
+	// at locates a field in the document the Pair was decoded from.
+	at func(field string) (line, col int)
+}
+
+// Position is where field (a path such as spec.disk.size) is in the document the Pair was
+// decoded from, or where its nearest parent is; 0, 0 for a Pair that was not decoded.
+func (p *Pair) Position(field string) (line, col int) {
+	if p.at == nil {
+		return 0, 0
+	}
+	return p.at(field)
 }
 
 // PairList is several pairs, as `lockstepctl get` without a name prints them.

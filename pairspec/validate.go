@@ -94,9 +94,9 @@ func validate(p *Pair, at func(field string) (int, int)) Errors {
 	case sz == 0:
 		bad("spec.disk.size", "missing: the disk's virtual size, e.g. 64Gi")
 	case sz%512 != 0:
-		bad("spec.disk.size", "%s: want a multiple of 512 bytes", s.Disk.Size)
+		bad("spec.disk.size", "%d bytes: want a multiple of 512", sz)
 	case sz > MaxDiskSize:
-		bad("spec.disk.size", "%s: want at most 1Pi", s.Disk.Size)
+		bad("spec.disk.size", "%d bytes: want at most 1Pi", sz)
 	}
 	checkFormat := func(field, f string) {
 		switch f {

@@ -38,10 +38,10 @@ document per event, -o json one object per event.`,
 
 // Event is one event of a watch stream in plain form (-o json, -o yaml).
 type Event struct {
-	Time        *time.Time          `yaml:"time,omitempty" json:"time,omitempty"`
-	Type        string              `yaml:"type" json:"type"`
+	Time        *time.Time           `yaml:"time,omitempty" json:"time,omitempty"`
+	Type        string               `yaml:"type" json:"type"`
 	Status      *pairspec.Status     `yaml:"status,omitempty" json:"status,omitempty"`
-	State       *StateChange        `yaml:"state,omitempty" json:"state,omitempty"`
+	State       *StateChange         `yaml:"state,omitempty" json:"state,omitempty"`
 	Step        *pairspec.Step       `yaml:"step,omitempty" json:"step,omitempty"`
 	Checkpoints *pairspec.Checkpoint `yaml:"checkpoints,omitempty" json:"checkpoints,omitempty"`
 	Resync      *pairspec.Resync     `yaml:"resync,omitempty" json:"resync,omitempty"`

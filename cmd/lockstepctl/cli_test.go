@@ -3,10 +3,12 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -315,18 +317,57 @@ func TestDrills(t *testing.T) {
 	})
 }
 
+// syncBuffer is a buffer that a test reads while the command writes it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// console relays the keyboard to the guest and the guest to the screen, until ^].
 func TestConsole(t *testing.T) {
 	f, addr := serveFake(t, protectedPair("db1"))
 	c := newFakeConsole("login: ")
-	code, out, errOut := runFake(&fakePending{agent: f, console: c}, "root\r\x1dignored", "--addr", addr, "console", "db1")
-	if code != exitOK {
-		t.Fatalf("exit %d: %s", code, errOut)
+	in, typing := io.Pipe()
+	var out, errOut syncBuffer
+	a := &app{in: in, out: &out, errOut: &errOut, pending: &fakePending{agent: f, console: c}}
+	code := make(chan int, 1)
+	go func() { code <- a.execute([]string{"--addr", addr, "console", "db1"}) }()
+	waitFor := func(want string) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !strings.Contains(out.String(), want); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("stdout %q lacks %q", out.String(), want)
+			}
+		}
 	}
-	if got := c.sent.String(); got != "root\r" || !c.closed {
-		t.Fatalf("sent %q (closed %v), want what came before ^]", got, c.closed)
+	waitFor("login: ")
+	typing.Write([]byte("root\r"))
+	waitFor("[root\r]")
+	typing.Write([]byte("\x1dignored"))
+	if got := <-code; got != exitOK {
+		t.Fatalf("exit %d: %s", got, errOut.String())
 	}
-	if !strings.HasPrefix(out, "login: ") || !strings.Contains(errOut, "escape character is ^]") || !strings.Contains(errOut, "Disconnected from db1") {
-		t.Fatalf("stdout %q stderr %q", out, errOut)
+	typing.Close()
+	c.mu.Lock()
+	sent, closed := c.sent.String(), c.closed
+	c.mu.Unlock()
+	if sent != "root\r" || !closed {
+		t.Fatalf("sent %q (closed %v), want what came before ^]", sent, closed)
+	}
+	if e := errOut.String(); !strings.Contains(e, "escape character is ^]") || !strings.Contains(e, "Disconnected from db1") {
+		t.Fatalf("stderr %q", e)
 	}
 }
 

@@ -52,9 +52,10 @@ func (a *app) console(name string) error {
 		}
 	}
 	fmt.Fprintf(a.errOut, "Connected to the serial console of %s; the escape character is ^]\r\n", name)
-	done := make(chan error, 2)
+	inDone := make(chan error, 1)
 	// Standard input to the console. This goroutine ends at ^], the end of input, or a failed
-	// Send once ctx is cancelled; a Read that blocks on a terminal ends with the process.
+	// Send once the stream's context is cancelled; a Read that blocks on a terminal ends with
+	// the process. It writes to nothing but the stream.
 	go func() {
 		buf := make([]byte, 4096)
 		for {
@@ -66,19 +67,20 @@ func (a *app) console(name string) error {
 			}
 			if len(chunk) > 0 {
 				if err := s.Send(bytes.Clone(chunk)); err != nil {
-					done <- err
+					inDone <- err
 					return
 				}
 			}
 			if esc >= 0 || rerr != nil {
 				_ = s.CloseSend()
-				done <- nil
+				inDone <- nil
 				return
 			}
 		}
 	}()
-	// The console to standard output; it ends when the stream does, at the latest when ctx is
-	// cancelled on return.
+	// The console to standard output, until the stream ends; cancelling ctx ends it, and
+	// console waits for it before it returns.
+	outDone := make(chan error, 1)
 	go func() {
 		for {
 			p, err := s.Recv()
@@ -86,18 +88,24 @@ func (a *app) console(name string) error {
 				if errors.Is(err, io.EOF) || ctx.Err() != nil {
 					err = nil
 				}
-				done <- err
+				outDone <- err
 				return
 			}
 			if _, err := a.out.Write(p); err != nil {
-				done <- err
+				outDone <- err
 				return
 			}
 		}
 	}()
 	select {
-	case err = <-done:
+	case err = <-inDone:
+		cancel()
+		if oerr := <-outDone; err == nil {
+			err = oerr
+		}
+	case err = <-outDone:
 	case <-ctx.Done():
+		err = <-outDone
 	}
 	fmt.Fprintf(a.errOut, "\r\nDisconnected from %s.\r\n", name)
 	return err

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -235,6 +234,7 @@ func (f *fakePending) Console(ctx context.Context, name string) (consoleStream, 
 	if _, err := f.agent.get(name); err != nil {
 		return nil, err
 	}
+	f.console.ctx = ctx
 	return f.console, nil
 }
 
@@ -244,6 +244,7 @@ type fakeConsole struct {
 	sent   bytes.Buffer
 	out    chan []byte
 	closed bool
+	ctx    context.Context // the session's: Recv ends with it, as a gRPC stream's does
 }
 
 func newFakeConsole(greeting string) *fakeConsole {
@@ -261,11 +262,12 @@ func (c *fakeConsole) Send(p []byte) error {
 }
 
 func (c *fakeConsole) Recv() ([]byte, error) {
-	p, ok := <-c.out
-	if !ok {
-		return nil, io.EOF
+	select {
+	case p := <-c.out:
+		return p, nil
+	case <-c.ctx.Done():
+		return nil, c.ctx.Err()
 	}
-	return p, nil
 }
 
 func (c *fakeConsole) CloseSend() error {

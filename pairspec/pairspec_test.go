@@ -3,6 +3,7 @@ package pairspec
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -431,5 +432,38 @@ func TestValidate(t *testing.T) {
 	var fe *FieldError
 	if !errors.As(err, &fe) || fe.Field != "spec.vcpus" || fe.Line != 0 || err.Error() != "spec.vcpus: 256: want 1 to 255" {
 		t.Fatalf("err %v", err)
+	}
+}
+
+// The spec of docs/README-draft.md decodes, and its misspelling is refused as the page says.
+func TestDocsExample(t *testing.T) {
+	b, err := os.ReadFile("../docs/README-draft.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page := string(b)
+	_, rest, ok := strings.Cut(page, "```yaml\n")
+	doc, _, ok2 := strings.Cut(rest, "```")
+	if !ok || !ok2 {
+		t.Fatal("no yaml block in the page")
+	}
+	p, err := Decode([]byte(doc))
+	if err != nil {
+		t.Fatalf("the page's spec is refused: %v\n%s", err, doc)
+	}
+	checkProto(t, p.ToProto())
+	_, err = Decode([]byte(strings.Replace(doc, "size:", "sise:", 1)))
+	var es Errors
+	if !errors.As(err, &es) || len(es) == 0 {
+		t.Fatalf("misspelt: %v", err)
+	}
+	var said string
+	for _, e := range es {
+		if e.Field == "spec.disk.sise" {
+			said = fmt.Sprintf("db1.yaml:%d:%d: %s: %s", e.Line, e.Column, e.Field, e.Reason)
+		}
+	}
+	if !strings.Contains(page, "`"+said+"`") {
+		t.Fatalf("the page does not say %q", said)
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -465,5 +466,47 @@ func TestDocsExample(t *testing.T) {
 	}
 	if !strings.Contains(page, "`"+said+"`") {
 		t.Fatalf("the page does not say %q", said)
+	}
+}
+
+// docs/spec.md has a row for every field of the format.
+func TestSpecReferenceComplete(t *testing.T) {
+	b, err := os.ReadFile("../docs/spec.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page := string(b)
+	var walk func(prefix string, typ reflect.Type)
+	walk = func(prefix string, typ reflect.Type) {
+		for typ.Kind() == reflect.Pointer {
+			typ = typ.Elem()
+		}
+		if typ == reflect.TypeFor[Placement]() && prefix == "spec.secondary" {
+			return // one row for the secondary's fields: "spec.secondary.*"
+		}
+		for i := range typ.NumField() {
+			f := typ.Field(i)
+			name, opts, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+			path := prefix
+			if !strings.Contains(opts, "inline") {
+				path = prefix + "." + name
+			}
+			ft := f.Type
+			for ft.Kind() == reflect.Pointer {
+				ft = ft.Elem()
+			}
+			if ft.Kind() == reflect.Struct && ft.PkgPath() == typ.PkgPath() {
+				walk(path, ft)
+				continue
+			}
+			if !strings.Contains(page, "| `"+path+"` |") {
+				t.Errorf("docs/spec.md has no row for %s", path)
+			}
+		}
+	}
+	walk("metadata", reflect.TypeFor[Metadata]())
+	walk("spec", reflect.TypeFor[Spec]())
+	if !strings.Contains(page, "| `spec.secondary.*` |") {
+		t.Errorf("docs/spec.md has no row for spec.secondary.*")
 	}
 }

@@ -6,7 +6,7 @@ GO ?= go
 STATICCHECK_VERSION ?= v0.8.2
 TOOLS := $(BUILD)/tools
 
-.PHONY: all build test unit lint qemu guest bench fuzz clean proto demo
+.PHONY: all build test unit lint qemu guest bench fuzz clean proto demo install uninstall fuzz-spec
 
 all: build
 
@@ -49,6 +49,10 @@ bench: qemu guest
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./qmp/
 
+# The pair spec's decoding and validation (its seed corpus runs with every go test).
+fuzz-spec:
+	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./pairspec/
+
 # Regenerate the gRPC code from proto/ (CI checks it with scripts/proto.sh --check --lint).
 proto:
 	bash scripts/proto.sh
@@ -59,3 +63,38 @@ demo:
 
 clean:
 	rm -rf $(BUILD)/bin $(BUILD)/tools
+
+# Install lockstepd and lockstepctl, lockstepd's systemd unit, its default configuration
+# (never over one already there) and lockstepctl's completions for bash, zsh and fish. DESTDIR
+# is honoured; the state goes to /var/lib/lockstep (the unit's StateDirectory).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+DATADIR ?= $(PREFIX)/share
+DOCDIR ?= $(DATADIR)/doc/lockstep
+
+install:
+	@set -euo pipefail; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(GO) build -o "$$tmp/" ./cmd/lockstepd ./cmd/lockstepctl; \
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(SYSCONFDIR)/lockstep" "$(DESTDIR)$(DOCDIR)" \
+		"$(DESTDIR)$(DATADIR)/bash-completion/completions" "$(DESTDIR)$(DATADIR)/zsh/site-functions" \
+		"$(DESTDIR)$(DATADIR)/fish/vendor_completions.d"; \
+	install -m 0755 "$$tmp/lockstepd" "$$tmp/lockstepctl" "$(DESTDIR)$(BINDIR)/"; \
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' \
+		packaging/systemd/lockstepd.service.in > "$$tmp/lockstepd.service"; \
+	install -m 0644 "$$tmp/lockstepd.service" "$(DESTDIR)$(UNITDIR)/lockstepd.service"; \
+	if [ -e "$(DESTDIR)$(SYSCONFDIR)/lockstep/lockstepd.yaml" ]; then \
+		echo "keeping $(DESTDIR)$(SYSCONFDIR)/lockstep/lockstepd.yaml"; \
+	else install -m 0644 packaging/lockstepd.yaml "$(DESTDIR)$(SYSCONFDIR)/lockstep/lockstepd.yaml"; fi; \
+	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"; \
+	"$$tmp/lockstepctl" completion bash > "$(DESTDIR)$(DATADIR)/bash-completion/completions/lockstepctl"; \
+	"$$tmp/lockstepctl" completion zsh > "$(DESTDIR)$(DATADIR)/zsh/site-functions/_lockstepctl"; \
+	"$$tmp/lockstepctl" completion fish > "$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/lockstepctl.fish"; \
+	echo "installed under $(DESTDIR)$(PREFIX); then: systemctl daemon-reload && systemctl enable --now lockstepd"
+
+# Remove what install put in place, except the configuration and the state.
+uninstall:
+	rm -f "$(DESTDIR)$(BINDIR)/lockstepd" "$(DESTDIR)$(BINDIR)/lockstepctl" "$(DESTDIR)$(UNITDIR)/lockstepd.service" \
+		"$(DESTDIR)$(DOCDIR)/README.md" "$(DESTDIR)$(DATADIR)/bash-completion/completions/lockstepctl" \
+		"$(DESTDIR)$(DATADIR)/zsh/site-functions/_lockstepctl" "$(DESTDIR)$(DATADIR)/fish/vendor_completions.d/lockstepctl.fish"

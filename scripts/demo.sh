@@ -38,6 +38,8 @@ cleanup() {
 	for s in a b; do
 		[ -f "$work/state/db1/$s/qemu.pid" ] && kill -KILL "$(cat "$work/state/db1/$s/qemu.pid")" 2>/dev/null
 	done
+	# lockstepd's fence keeper outlives the agent by design: stop it by the PID it wrote.
+	[ -f "$work/state/_fence.pid" ] && kill -KILL "$(cat "$work/state/_fence.pid")" 2>/dev/null
 	rm -rf "$work" "$ovl"
 }
 trap cleanup EXIT
@@ -63,21 +65,26 @@ for _ in $(seq 100); do [ -S "$work/api.sock" ] && break; sleep 0.1; done
 
 truncate -s 64M "$work/disk-a.raw"
 cat >"$work/db1.yaml" <<YAML
-name: db1
-memoryMib: 128
-vcpus: 1
-machine: pc
-accel: ACCEL_TCG
-kernel: $KERNEL
-initrd: $INITRD
-append: console=ttyS0 quiet panic=-1 lockstep.ip=10.0.2.15/24
-diskSizeBytes: "67108864"
-nic: {mac: "52:54:00:12:34:56", model: e1000, backend: NIC_BACKEND_SOCKET}
-qemuCommand: [$QEMU]
-qemuImgCommand: [$QEMU_IMG]
-tunables: {checkpointDelay: 0.2s}
-primary: {host: 127.0.0.1, diskPath: $work/disk-a.raw, netSocket: "127.0.0.1:$hub_a"}
-secondary: {host: 127.0.0.1, diskPath: $work/disk-b.raw, netSocket: "127.0.0.1:$hub_b"}
+apiVersion: lockstep.dev/v1
+kind: Pair
+metadata:
+  name: db1
+spec:
+  memory: 128Mi
+  vcpus: 1
+  accel: tcg
+  boot:
+    kernel: $KERNEL
+    initrd: $INITRD
+    cmdline: console=ttyS0 quiet panic=-1 lockstep.ip=10.0.2.15/24
+  disk:
+    size: 64Mi
+  nic: {mac: "52:54:00:12:34:56", model: e1000, backend: socket}
+  qemuCommand: [$QEMU]
+  qemuImgCommand: [$QEMU_IMG]
+  checkpointDelay: 200ms
+  primary: {host: 127.0.0.1, disk: {path: $work/disk-a.raw}, netSocket: "127.0.0.1:$hub_a"}
+  secondary: {host: 127.0.0.1, disk: {path: $work/disk-b.raw}, netSocket: "127.0.0.1:$hub_b"}
 YAML
 say "lockstepctl create -f db1.yaml --wait"
 ctl create -f "$work/db1.yaml" --wait
@@ -104,7 +111,7 @@ pids+=("$watcher")
 sleep 0.5
 kill -KILL "$(cat "$work/state/db1/a/qemu.pid")"
 for _ in $(seq 600); do
-	ctl status db1 -o json | grep -q '"generation": "2"' && ctl status db1 | grep -q 'state:.*protected ' && break
+	ctl status db1 -o json | grep -q '"generation": 2,' && ctl status db1 | grep -q 'state:.*protected ' && break
 	sleep 0.1
 done
 sleep 3

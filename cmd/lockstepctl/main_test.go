@@ -74,7 +74,7 @@ func TestExitCodesAndErrors(t *testing.T) {
 		{"bad address", []string{"--addr", "http://x", "list"}, exitUsage, "want unix:///path or tcp://host:port", ""},
 		{"agent not running", []string{"--addr", "unix:///nonexistent/api.sock", "list"}, exitFailed, "is lockstepd running", ""},
 		{"list", []string{"--addr", addr, "list"}, exitOK, "", "PAIR"},
-		{"completion", []string{"completion", "bash"}, exitOK, "", "complete -F _lockstepctl lockstepctl"},
+		{"completion", []string{"completion", "bash"}, exitOK, "", "complete -o default -F __start_lockstepctl lockstepctl"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -95,15 +95,18 @@ func TestExitCodesAndErrors(t *testing.T) {
 	if code != exitOK {
 		t.Fatalf("list -o json: exit %d", code)
 	}
-	var v map[string]any
+	var v struct {
+		APIVersion, Kind string
+		Items            []any
+	}
 	if err := json.Unmarshal([]byte(out), &v); err != nil {
 		t.Fatalf("list -o json is not JSON: %v\n%s", err, out)
 	}
-	if len(v) != 0 {
+	if v.Kind != "PairList" || v.APIVersion != "lockstep.dev/v1" || len(v.Items) != 0 {
 		t.Fatalf("pairs after a refused create: %s", out)
 	}
 	code, out, _ = runCtl("--addr", addr, "-o", "yaml", "list")
-	if code != exitOK || strings.TrimSpace(out) != "{}" {
+	if code != exitOK || !strings.Contains(out, "items: []") {
 		t.Fatalf("list -o yaml: exit %d, %q", code, out)
 	}
 }

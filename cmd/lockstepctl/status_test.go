@@ -26,8 +26,8 @@ func TestStatusTableTwoHosts(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out bytes.Buffer
-			c := &cli{output: "table", out: &out}
-			if err := c.print(&pb.Pair{Spec: &pb.PairSpec{Name: "db1"}, Status: tc.st}); err != nil {
+			a := &app{output: "table", out: &out}
+			if err := a.printStatus(&pb.Pair{Spec: &pb.PairSpec{Name: "db1"}, Status: tc.st}); err != nil {
 				t.Fatal(err)
 			}
 			for _, w := range tc.want {

@@ -138,14 +138,11 @@ func (r *runner) start(ctx context.Context) {
 		panic(perr) // the agent validated the timings
 	}
 	r.pol = pol
-	if r.side == SideA {
-		rec, err := r.store.record(actx)
-		if err == nil && rec.Holder == "" {
-			r.step(ctx, Start{})
-		} else if err != nil {
-			r.log.Warn("cannot read the primary record; starting the pair if nobody ran it", "err", err)
-			r.step(ctx, Start{})
-		}
+	if !pc.Stopped {
+		// The policy decides from the primary record whether this side boots the VM: the
+		// preferred side a pair that never ran, the side that ran it last (restart policy
+		// always) one whose copies are all gone.
+		r.step(ctx, Start{})
 	}
 }
 

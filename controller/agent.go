@@ -47,7 +47,22 @@ type PairConfig struct {
 	Sides [2]SideConfig   `json:"sides"`
 	// NoAutoReprotect leaves a degraded pair unprotected until the operator asks.
 	NoAutoReprotect bool `json:"no_auto_reprotect,omitempty"`
+	// RestartPolicy is RestartAlways (the default, "") or RestartNever: whether the agent boots
+	// the VM again, cold, when its only running copy dies.
+	RestartPolicy string `json:"restart_policy,omitempty"`
+	// Stopped: the operator stopped the pair (its QEMUs are gone, its disks kept); nothing
+	// boots it until the operator starts it.
+	Stopped bool `json:"stopped,omitempty"`
 }
+
+// The restart policies of a pair.
+const (
+	RestartAlways = "always"
+	RestartNever  = "never"
+)
+
+// restart reports whether the pair's restart policy boots its VM again.
+func (pc PairConfig) restart() bool { return pc.RestartPolicy != RestartNever }
 
 // AgentConfig configures an agent.
 type AgentConfig struct {
@@ -129,6 +144,7 @@ func (c *AgentConfig) policyConfig(auto bool) Config {
 		HeartbeatTimeout: c.ticks(c.HeartbeatTimeout), LeaseTTL: ttl, FenceMargin: c.ticks(c.FenceMargin),
 		RenewEvery: max(1, ttl/5), AcquireEvery: max(1, c.ticks(c.HeartbeatInterval)*2), StandDownAfter: 3 * ttl,
 		AutoReprotect: auto, RetryTicks: c.ticks(time.Second), MaxRetryTicks: c.ticks(30 * time.Second),
+		Restart: true,
 	}
 }
 

@@ -77,8 +77,12 @@ type (
 		N    int
 		Link LinkState
 	}
-	// Start asks the preferred primary to run the pair.
-	Start struct{}
+	// Start asks the side to run the pair if it should: the side that ran the primary last
+	// (the primary record's holder) boots the VM again from its disk; a pair that never ran
+	// boots on its preferred side (Config.Preferred). Operator is an operator's StartPair;
+	// otherwise (an agent starting with no QEMU to adopt) only a restart policy of always lets
+	// a pair that ran before boot again.
+	Start struct{ Operator bool }
 	// Stop asks to stop this side (the pair is stopped or deleted).
 	Stop struct{}
 	// FailoverRequest is an operator's request of the primary: a planned switchover (its held
@@ -134,7 +138,10 @@ type (
 	}
 	// Booted, BootFailed: the end of ActBoot.
 	Booted     struct{}
-	BootFailed struct{ Err string }
+	BootFailed struct {
+		Err       string
+		StoreDown bool // the primary record was not written: nothing was started
+	}
 	// Protected, ProtectFailed: the end of ActProtect.
 	Protected     struct{ Gen int }
 	ProtectFailed struct {
@@ -173,6 +180,9 @@ type (
 	Marked struct{ Rec PrimaryRecord }
 	// SwitchedOver: the end of ActSwitchover; the old primary's QEMU is dead.
 	SwitchedOver struct{}
+	// Frozen: the runner found this side's QEMU stopped (SIGSTOP) though the policy had not
+	// frozen it: the host's fence keeper did, its lease having lapsed as far as the keeper knew.
+	Frozen struct{}
 )
 
 // Event is an input of the policy.
@@ -208,6 +218,7 @@ func (AloneDone) isEvent()        {}
 func (AloneFailed) isEvent()      {}
 func (Marked) isEvent()           {}
 func (SwitchedOver) isEvent()     {}
+func (Frozen) isEvent()           {}
 
 // Action is an output of the policy for the runner to carry out.
 type Action interface{ isAction() }
@@ -229,8 +240,11 @@ type (
 	ActRelease struct{ Epoch uint64 }
 	// ActProbeStore asks the store who holds the lease; SentAt is now.
 	ActProbeStore struct{ SentAt int }
-	// ActBoot starts the primary QEMU here.
-	ActBoot struct{}
+	// ActBoot writes the primary record Rec (this side runs the VM alone), then starts the
+	// primary QEMU here: a VM must never release output the record does not name, else a
+	// secondary of an older generation could take over past it (BootFailed{StoreDown} when
+	// the record cannot be written; nothing started then).
+	ActBoot struct{ Rec PrimaryRecord }
 	// ActProtect protects our primary with a secondary the peer prepares.
 	ActProtect struct {
 		Gen   int
@@ -310,8 +324,14 @@ type Config struct {
 	StandDownAfter int
 	// AutoReprotect: a primary running alone protects itself again when the peer is back.
 	AutoReprotect bool
-	// RetryTicks and MaxRetryTicks: the backoff between protection attempts.
+	// RetryTicks and MaxRetryTicks: the backoff between protection attempts, and between cold
+	// restarts.
 	RetryTicks, MaxRetryTicks int
+	// Preferred: this side boots a pair that never ran (the primary placement's side).
+	Preferred bool
+	// Restart: when the only running copy of the VM dies here (a primary with no secondary in
+	// COLO to take over), boot it again from this side's disk (restart policy always).
+	Restart bool
 }
 
 func (c Config) validate() error {

@@ -79,8 +79,11 @@ func (r *runner) exec(ctx context.Context, acts []Action) {
 		case ActKill:
 			r.killVM(a.Why)
 		case ActBoot:
-			pc := r.config()
+			pc, h := r.config(), r.held
 			r.spawn(ctx, func(ctx context.Context) any {
+				if err := r.store.mark(ctx, h, a.Rec); err != nil {
+					return BootFailed{Err: "the primary record was not written: " + err.Error(), StoreDown: true}
+				}
 				vm, err := r.backend.Launch(ctx, checkpoint.LaunchConfig{Spec: pc.Spec, Role: checkpoint.RolePrimary, Side: r.localSide(), Log: r.log})
 				if err != nil {
 					return BootFailed{Err: err.Error()}

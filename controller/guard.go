@@ -10,28 +10,20 @@ import (
 // The runner's side of the host's fence keeper (package fence): the guard of its primary QEMU.
 
 // updateFence tells the host's fence keeper, when it changed, until when this side's primary
-// QEMU may run without an active COLO link: the policy's own deadline, or for a boot, a
-// takeover or a going-alone a minute (their sequences must not be frozen midway; they wrote
-// their primary record under the lease first).
+// QEMU may run without an active COLO link: just past the policy's own deadline (GuardUntil). A live
+// agent moves it at every renewal; the sequences that take a side out of COLO start only with
+// a lease that has life left (Policy.leaseLeft), so the keeper does not freeze them midway.
 func (r *runner) updateFence() {
 	if r.a.cfg.Fence == nil || r.vm == nil || !runsVM(r.pol.Role()) {
 		r.guard = guardKey{}
 		return
 	}
-	role := r.pol.Role()
-	k := guardKey{pid: r.vm.PID(), until: r.pol.MayRunUntil(), link: r.migLink,
-		transitional: role == RoleBooting || role == RoleAlone || role == RoleTakingOver}
-	if k.transitional {
-		k.until = 0
-	}
+	k := guardKey{pid: r.vm.PID(), until: r.pol.GuardUntil(), link: r.migLink}
 	if k == r.guard {
 		return
 	}
 	r.guard = k
 	g := fence.Guard{PID: k.pid, Until: fence.Now() + time.Duration(k.until-r.pol.Now())*r.a.cfg.Tick, Quiet: r.linkQuiet()}
-	if k.transitional {
-		g.Until = fence.Now() + time.Minute
-	}
 	if r.migLink != nil {
 		if f, err := dupFile(r.migLink); err == nil {
 			g.Link = f

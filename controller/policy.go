@@ -99,6 +99,7 @@ type Policy struct {
 	nextRenew     int
 	probing       bool
 	storeOK       bool
+	storeDown     bool        // the last store request failed for want of the store (not merely unanswered)
 	storeHolder   LeaseHolder // from the last probe or refusal
 	storeSeen     int         // when storeHolder was learnt
 	storeSince    int         // since when the store has shown that same holder and epoch
@@ -131,8 +132,16 @@ type Policy struct {
 	peerLostAt   int // when the peer was first seen unreachable (-1: it is reachable)
 	retryIn      int
 	backoff      int
-	reprotectNow bool // an operator asked to protect now
-	wantPrimary  bool // Start was asked here
+	reprotectNow bool   // an operator asked to protect now
+	wantPrimary  bool   // Start was asked here
+	operator     bool   // ... by an operator
+	restartAt    int    // a cold restart is due at this tick
+	restarts     int    // cold restarts in a row (their backoff)
+	coldSince    int    // since when a cold start waits for a peer that may hold a COLO secondary (-1: not waiting)
+	stopped      bool   // an operator stopped the pair: nothing starts by itself
+	secEpoch     uint64 // as secondary: the epoch of the primary it was prepared for
+	probeAt      int    // an idle side looks again whether it should boot the VM at this tick
+	lastHolder   string // who ran the VM last, as the primary record said at the last acquisition
 	failovers    int
 }
 
@@ -150,14 +159,14 @@ func NewPolicy(cfg Config, self string) (*Policy, error) {
 	if cfg.StandDownAfter <= 0 {
 		cfg.StandDownAfter = cfg.LeaseTTL * 2
 	}
-	return &Policy{cfg: cfg, self: self, role: RoleIdle, lastConfirm: -1 << 30, backoff: cfg.RetryTicks, peerLostAt: -1, suspect: -1}, nil
+	return &Policy{cfg: cfg, self: self, role: RoleIdle, lastConfirm: -1 << 30, backoff: cfg.RetryTicks, peerLostAt: -1, suspect: -1, coldSince: -1}, nil
 }
 
 // Restore returns the policy of a side whose QEMU outlived an earlier agent. A primary asks
-// for its lease at once (resuming the earlier agent's); a secondary in COLO carries on and
-// waits for its peer's heartbeats. Neither takes a decision, and a primary does not freeze,
-// before the store or the peer answered or LeaseTTL ticks passed. A secondary not in COLO
-// holds nothing worth keeping: it is killed.
+// for its lease at once (resuming the earlier agent's); one whose COLO link is not active is
+// frozen until it has it. A secondary in COLO carries on and waits for its peer's heartbeats.
+// Neither takes a decision before the store or the peer answered or LeaseTTL ticks passed. A
+// secondary not in COLO holds nothing worth keeping: it is killed.
 func Restore(cfg Config, self string, a Adopted) (*Policy, []Action, error) {
 	p, err := NewPolicy(cfg, self)
 	if err != nil {
@@ -176,7 +185,7 @@ func Restore(cfg Config, self string, a Adopted) (*Policy, []Action, error) {
 		}
 		return p, p.tryAcquire(), nil
 	case a.Role == RoleSecondary && a.Colo:
-		p.role, p.why, p.coloLost = RoleSecondary, "adopted after an agent restart", a.ColoLost
+		p.role, p.why, p.coloLost, p.secEpoch = RoleSecondary, "adopted after an agent restart", a.ColoLost, a.Epoch
 		return p, nil, nil
 	}
 	p.role, p.why = RoleIdle, "an adopted secondary was not in COLO"
@@ -243,17 +252,29 @@ func (p *Policy) mayRun() bool {
 
 func (p *Policy) restoring() bool { return p.now < p.restoreUntil }
 
+// leaseLeft reports whether the held lease has some life left (a renewal interval): a
+// sequence that takes the side out of COLO starts only then, so that it ends before the fence
+// keeper would freeze the QEMU for a lapsed lease.
+func (p *Policy) leaseLeft() bool {
+	return p.held && p.leaseDeadline-p.now >= p.cfg.RenewEvery
+}
+
 // MayRunUntil is the tick until which this side's primary may run without an active COLO
-// link: its lease's deadline, its secondary's confirmation, or the restore window of an
-// adopted side, whichever is latest. Past it, enforce freezes the primary (and the host's
-// fence keeper does, should the agent not be there to).
+// link: its lease's deadline or its secondary's confirmation, whichever is later. Past it,
+// enforce freezes the primary. (An adopted primary gets no grace: the earlier agent's lease
+// may have lapsed already; one whose COLO link is active needs none.)
 func (p *Policy) MayRunUntil() int {
-	until := max(p.confirmUntil, p.restoreUntil)
+	until := p.confirmUntil
 	if p.held {
 		until = max(until, p.leaseDeadline)
 	}
 	return until
 }
+
+// GuardUntil is the tick the host's fence keeper is given for this side's primary: half the
+// fence margin after MayRunUntil, so that a live agent freezes first and the keeper acts only
+// for an agent that is not there, still before the store lets the lease go.
+func (p *Policy) GuardUntil() int { return p.MayRunUntil() + p.cfg.FenceMargin/2 }
 
 // peerLost reports whether the peer counts as unreachable: not heard within the heartbeat
 // timeout, and not a peer an adopted side has had no time to hear yet.
@@ -300,7 +321,7 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 		if p.role != RoleIdle && p.role != RoleFailed {
 			return nil, fmt.Errorf("start: this side is %s: %w", p.role, ErrWrongState)
 		}
-		p.wantPrimary, p.role, p.why = true, RoleIdle, "starting"
+		p.wantPrimary, p.operator, p.role, p.why, p.restartAt, p.coldSince, p.stopped = true, e.Operator, RoleIdle, "starting", 0, -1, false
 		acts = p.tryAcquire()
 	case Stop:
 		acts = p.stop()
@@ -327,6 +348,12 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 		p.acquiring, p.storeOK = false, true
 		p.sawHolder(e.Holder)
 		p.storeAnswered(e.SentAt)
+		if p.role == RoleIdle && p.wantPrimary && e.Holder.Holder != p.self && !p.operator && p.PeerReachable() && p.peer.Role != RoleIdle && p.peer.Role != RoleFailed {
+			// The peer runs the VM: nothing for this side to start. (A peer holding the lease
+			// while idle is only reading the primary record, as this side is about to: ask
+			// again, the record decides who boots.)
+			p.wantPrimary, p.why = false, fmt.Sprintf("the VM runs on %s (epoch %d)", e.Holder.Holder, e.Holder.Epoch)
+		}
 		// Another side holding the lease does not make our VM stale: it may only be checking
 		// the primary record, and give the lease back. The record decides, when we acquire.
 		p.learnEpoch(e.Holder.Epoch)
@@ -352,7 +379,7 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 			acts = append(acts, p.tryAcquire()...)
 		}
 	case StoreDown:
-		p.acquiring, p.renewing, p.probing, p.storeOK = false, false, false, false
+		p.acquiring, p.renewing, p.probing, p.storeOK, p.storeDown = false, false, false, false, true
 	case StoreOK:
 		p.probing, p.storeOK = false, true
 		p.sawHolder(e.Holder)
@@ -388,18 +415,25 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 		acts = p.tryAcquire()
 	case Booted:
 		if p.role == RoleBooting {
-			p.role, p.why, p.colo, p.retryIn = RolePrimary, "running unprotected", false, 0
+			p.role, p.why, p.colo, p.retryIn, p.marked, p.operator = RolePrimary, "running unprotected", false, 0, true, false
 		}
 	case BootFailed:
-		if p.role == RoleBooting {
-			p.role, p.why = RoleFailed, "the primary did not start: "+e.Err
+		switch {
+		case p.role != RoleBooting:
+		case e.StoreDown:
+			// Nothing started: give the lease back and ask again (the record decides again).
+			p.role, p.wantPrimary, p.why = RoleIdle, true, "boot postponed: "+e.Err
+			p.restartAt = p.now + p.cfg.RetryTicks
+			acts = append(acts, p.release()...)
+		default:
+			p.role, p.why, p.operator = RoleFailed, "the primary did not start: "+e.Err, false
 			acts = append(acts, ActKill{Why: "boot failed"})
 			acts = append(acts, p.release()...)
 		}
 	case Protected:
 		if p.role == RoleProtecting && e.Gen == p.gen {
 			p.role, p.colo, p.marked, p.why, p.backoff = RolePrimary, true, false, "", p.cfg.RetryTicks
-			p.coloLost, p.reprotectNow = "", false
+			p.coloLost, p.reprotectNow, p.restarts = "", false, 0
 			acts = append(acts, ActMark{Rec: p.record(true)})
 		}
 	case ProtectFailed:
@@ -410,8 +444,14 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 			acts = append(acts, ActTearDownPeer{Gen: e.Gen})
 		}
 	case Marked:
+		p.lastHolder = e.Rec.Holder
 		if e.Rec == p.record(p.colo) {
 			p.marked = true
+		}
+	case Frozen:
+		if p.isPrimary() && !p.fenced {
+			// The keeper's freeze is the policy's own: the lease renewed or regained thaws it.
+			p.fenced, p.fencedEpoch, p.why = true, p.leaseEpoch, "frozen by the fence keeper: its lease had lapsed"
 		}
 	case SwitchedOver:
 		if p.role == RoleHandingOver {
@@ -428,6 +468,7 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 			acts = append(acts, ActKill{Why: fmt.Sprintf("replaced by generation %d", e.Gen)})
 		}
 		p.epoch, p.gen, p.role, p.why, p.handOver, p.wantPrimary, p.coloLost = e.Epoch, e.Gen, RoleJoining, "", false, false, ""
+		p.secEpoch = e.Epoch
 		// The request itself shows the peer alive; its view comes with the next heartbeat.
 		if !p.peerEver || p.now > p.peerSeen {
 			p.peerSeen, p.peerEver = p.now, true
@@ -447,6 +488,7 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 			acts = append(acts, ActKill{Why: "torn down"})
 		}
 	case TakeoverDone:
+		p.lastHolder = p.self // its record was written first
 		if p.role == RoleTakingOver {
 			p.role, p.colo, p.marked, p.why, p.retryIn = RolePrimary, false, true, "took over: "+p.why, p.cfg.RetryTicks
 			p.coloLost = ""
@@ -469,6 +511,7 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 			}
 		}
 	case AloneDone:
+		p.lastHolder = p.self
 		if p.role == RoleAlone {
 			p.role, p.colo, p.marked, p.retryIn, p.coloLost = RolePrimary, false, true, p.cfg.RetryTicks, ""
 		}
@@ -496,7 +539,9 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 // may run without renewing its lease, and records when it did; it returns the view to send.
 func (p *Policy) Reply(peer PeerView) PeerView {
 	v := p.View()
-	v.Confirm = p.role == RoleSecondary && !p.storeOK && peer.Epoch == p.epoch && peer.Gen == p.gen && peer.Colo &&
+	// Only a known outage counts (a store request that failed), and never while this side
+	// asks for the lease itself.
+	v.Confirm = p.role == RoleSecondary && p.storeDown && !p.acquiring && !p.held && peer.Epoch == p.epoch && peer.Gen == p.gen && peer.Colo &&
 		peer.Role == RolePrimary && p.coloLost == ""
 	if v.Confirm {
 		p.lastConfirm = p.now
@@ -548,6 +593,7 @@ func (p *Policy) learnEpoch(e uint64) {
 // storeAnswered clears the suspicion of a time jump once the store answered a request sent
 // after it, and ends the restore window.
 func (p *Policy) storeAnswered(sentAt int) {
+	p.storeDown = false
 	if p.suspect >= 0 && sentAt >= p.suspect {
 		p.suspect = -1
 	}
@@ -596,6 +642,8 @@ func (p *Policy) acquired(e LeaseAcquired) []Action {
 	p.sawHolder(LeaseHolder{Holder: p.self, Epoch: e.Epoch})
 	p.nextRenew = p.now + p.cfg.RenewEvery
 	p.learnEpoch(e.Epoch)
+	p.gen = max(p.gen, e.Prev.Gen) // a side that lost its state learns where the pair was
+	p.lastHolder = e.Prev.Holder
 	// Only a side about to release output writes the record, so a record that is still ours
 	// says nobody else released output since (our last mark may be older than our last lease,
 	// when the store went away before it was written).
@@ -629,13 +677,32 @@ func (p *Policy) acquired(e LeaseAcquired) []Action {
 		yank := p.link != LinkClosed && p.coloLost == "" && (!p.PeerReachable() || p.peer.Fenced)
 		p.why, p.handOver = why, false
 		return []Action{ActTakeOver{Yank: yank, Why: why, Kind: kind, Rec: p.record(false)}}
-	case p.role == RoleIdle && p.wantPrimary && e.Prev.Holder == "":
-		p.role, p.why, p.wantPrimary = RoleBooting, "", false
-		return []Action{ActBoot{}, ActMark{Rec: p.record(false)}}
+	case p.role == RoleIdle && p.wantPrimary && e.Prev.Holder == "" && p.cfg.Preferred:
+		return p.boot("")
+	case p.role == RoleIdle && p.wantPrimary && e.Prev.Holder == p.self && (p.operator || p.cfg.Restart):
+		// This side ran the VM last: its disk has every write the VM acknowledged. A peer with
+		// a secondary in COLO of that VM takes over warm instead (its clients keep their
+		// connections): give it the lease, and the time to.
+		if e.Prev.Colo && (p.PeerReachable() && p.peer.Colo || !p.PeerReachable() && p.waitingForPeer()) {
+			// Out of the peer's way for a while: it needs the lease to take over.
+			p.why = "starting: the peer may take over from its secondary first"
+			p.wantPrimary, p.probeAt = false, p.now+5*p.cfg.RetryTicks
+			if !p.PeerReachable() {
+				p.wantPrimary, p.restartAt = true, p.now+p.cfg.AcquireEvery*2
+			}
+			return p.release()
+		}
+		return p.boot(fmt.Sprintf("cold start from this side's disk (it ran the VM last, at epoch %d)", e.Prev.Epoch))
 	}
 	// Nothing to do with a lease here.
 	if p.role == RoleIdle && p.wantPrimary {
-		p.wantPrimary, p.why = false, fmt.Sprintf("the pair ran before (%s at epoch %d): not booting a new VM", e.Prev.Holder, e.Prev.Epoch)
+		p.wantPrimary = false
+		switch {
+		case e.Prev.Holder == "" || e.Prev.Holder == p.self:
+			p.why = "not booting: the restart policy is never; start the pair to boot it"
+		default:
+			p.why = fmt.Sprintf("%s ran the VM last (epoch %d): its agent boots it", e.Prev.Holder, e.Prev.Epoch)
+		}
 	}
 	return p.release()
 }
@@ -658,13 +725,30 @@ func (p *Policy) takeoverWhy() string {
 	return "primary unreachable"
 }
 
+// boot starts the primary here under the lease just acquired.
+func (p *Policy) boot(why string) []Action {
+	// p.operator stays until the boot ends: a boot postponed by the store asks again.
+	p.role, p.why, p.wantPrimary, p.coldSince, p.lastHolder = RoleBooting, why, false, -1, p.self
+	p.colo, p.coloLost, p.fenced = false, "", false
+	return []Action{ActBoot{Rec: p.record(false)}}
+}
+
+// waitingForPeer reports whether a cold start still gives an unreachable peer, which may hold
+// a COLO secondary of the VM, its chance to take over first (three lease times).
+func (p *Policy) waitingForPeer() bool {
+	if p.coldSince < 0 {
+		p.coldSince = p.now
+	}
+	return p.now-p.coldSince < 3*p.cfg.LeaseTTL
+}
+
 func (p *Policy) stop() []Action {
 	var acts []Action
 	if p.role != RoleIdle {
 		acts = append(acts, ActKill{Why: "stop"})
 	}
 	acts = append(acts, p.release()...)
-	p.role, p.fenced, p.colo, p.wantPrimary, p.why, p.coloLost = RoleIdle, false, false, false, "stopped", ""
+	p.role, p.fenced, p.colo, p.wantPrimary, p.why, p.coloLost, p.stopped = RoleIdle, false, false, false, "stopped", "", true
 	return acts
 }
 
@@ -695,6 +779,15 @@ func (p *Policy) localFailed(why string) []Action {
 		acts := []Action{ActKill{Why: why}}
 		acts = append(acts, p.release()...)
 		p.role, p.colo, p.fenced, p.why, p.coloLost = RoleFailed, false, false, "the VM is lost: unprotected primary "+why, ""
+		if p.cfg.Restart && p.role != RoleBooting {
+			// The only running copy died, and its disk is here: boot it again, after a backoff
+			// that grows while restarts keep failing.
+			delay := min(p.cfg.RetryTicks<<min(p.restarts, 16), p.cfg.MaxRetryTicks)
+			p.restarts++
+			p.role, p.wantPrimary, p.operator, p.coldSince = RoleIdle, true, true, -1
+			p.restartAt = p.now + delay
+			p.why = fmt.Sprintf("restarting (cold, from this side's disk) in %d ticks: the only running copy of the VM %s", delay, why)
+		}
 		return acts
 	case p.role == RoleJoining || p.role == RoleSecondary:
 		p.role, p.why, p.coloLost = RoleIdle, "secondary "+why, ""
@@ -714,6 +807,7 @@ func (p *Policy) peerHeard(sentAt int, v PeerView) []Action {
 		p.restoreUntil = 0 // an adopted secondary has heard its peer
 	}
 	var acts []Action
+	oldEpoch := p.epoch
 	peerRuns := runsVM(v.Role)
 	if v.Epoch > p.leaseEpoch && peerRuns && p.isPrimary() {
 		// The peer runs the VM under a newer lease than ours: what runs here is stale.
@@ -728,12 +822,13 @@ func (p *Policy) peerHeard(sentAt int, v PeerView) []Action {
 	if p.role == RoleJoining && v.Colo && v.Gen == p.gen && v.Epoch == p.epoch {
 		p.role, p.why = RoleSecondary, ""
 	}
-	if p.role == RoleJoining && v.Epoch == p.epoch && (v.Gen > p.gen || (v.Gen == p.gen && v.Role == RolePrimary && !v.Colo)) {
+	if p.role == RoleJoining && (v.Epoch == p.epoch && (v.Gen > p.gen || (v.Gen == p.gen && v.Role == RolePrimary && !v.Colo)) ||
+		peerRuns && v.Epoch > p.secEpoch) {
 		// The protection this secondary was prepared for ended without it.
 		p.role, p.why = RoleIdle, "the primary's protection ended without this secondary"
 		acts = append(acts, ActKill{Why: p.why})
 	}
-	if p.role == RoleSecondary && v.Role == RolePrimary && !v.Colo && v.Gen == p.gen && !v.Fenced {
+	if p.role == RoleSecondary && v.Role == RolePrimary && !v.Colo && (v.Gen == p.gen || v.Epoch > max(oldEpoch, p.secEpoch) || v.Epoch > p.secEpoch && v.Epoch == oldEpoch) && !v.Fenced {
 		// Our primary runs on without us: this secondary is stale.
 		p.role, p.why, p.coloLost = RoleIdle, "the primary runs without this secondary", ""
 		acts = append(acts, ActKill{Why: p.why})
@@ -802,16 +897,28 @@ func (p *Policy) decide() []Action {
 	reach := p.PeerReachable()
 	switch p.role {
 	case RoleIdle:
-		if p.wantPrimary {
+		if !p.wantPrimary && p.cfg.Restart && !p.stopped && p.now >= p.restartAt && (p.lastHolder == "" || p.lastHolder == p.self) &&
+			(p.peerLost() || p.PeerReachable() && (p.peer.Role == RoleIdle || p.peer.Role == RoleFailed)) {
+			// No copy of the VM runs on either side that this side can see: the side that ran
+			// it last boots it again (acquired checks the record). Asked again now and then
+			// while nothing runs.
+			if p.now >= p.probeAt {
+				p.wantPrimary, p.operator, p.coldSince = true, false, -1
+				p.probeAt = p.now + 5*p.cfg.RetryTicks
+			}
+		}
+		if p.wantPrimary && p.now >= p.restartAt {
 			acts = append(acts, p.tryAcquire()...)
 		}
 	case RolePrimary:
 		switch {
 		case !p.held:
 			acts = append(acts, p.tryAcquire()...)
-		case p.colo && !p.fenced && p.coloLost != "":
+		// Going alone needs a lease that is still good (its record is written under it); one
+		// that lapsed freezes the primary first (enforce), and the lease regained thaws it.
+		case p.colo && !p.fenced && p.coloLost != "" && p.leaseLeft():
 			acts = append(acts, p.goAlone(false, "COLO ended: "+p.coloLost)...)
-		case p.colo && !p.fenced && p.peerLost() && p.link != LinkActive:
+		case p.colo && !p.fenced && p.peerLost() && p.link != LinkActive && p.leaseLeft():
 			acts = append(acts, p.goAlone(p.link != LinkClosed, "the secondary's host is unreachable")...)
 		case !p.colo && !p.fenced && (p.cfg.AutoReprotect || p.reprotectNow) && reach && (p.peer.Role == RoleIdle || p.peer.Role == RoleFailed) && p.peer.Epoch <= p.epoch && p.retryIn <= 0:
 			p.gen = max(p.gen, p.peer.Gen) + 1
@@ -853,7 +960,7 @@ func (p *Policy) coloHolds() bool {
 // and the VM would be lost with it. Those sequences wrote their primary record under the lease
 // first, so no other side can run the VM meanwhile; the freeze comes when they end.
 func (p *Policy) enforce() []Action {
-	if (p.role == RolePrimary || p.role == RoleProtecting) && !p.fenced && !p.mayRun() && !p.restoring() && !p.coloHolds() {
+	if (p.role == RolePrimary || p.role == RoleProtecting) && !p.fenced && !p.mayRun() && !p.coloHolds() {
 		p.fenced, p.fencedEpoch = true, p.leaseEpoch
 		p.why = "lease not renewed in time and no confirmation from the secondary"
 		return []Action{ActFreeze{Why: p.why}}

@@ -79,10 +79,9 @@ type runner struct {
 
 // guardKey is what the fence keeper's guard of this side depends on.
 type guardKey struct {
-	pid          int
-	until        int
-	link         *os.File
-	transitional bool
+	pid   int
+	until int
+	link  *os.File
 }
 
 // call is a request the run goroutine answers.
@@ -259,7 +258,11 @@ func (r *runner) peerHandOver(ctx context.Context, epoch uint64, kind HandOverKi
 }
 
 func (r *runner) policyConfig() Config {
-	return r.a.cfg.policyConfig(!r.config().NoAutoReprotect)
+	pc := r.config()
+	cfg := r.a.cfg.policyConfig(!pc.NoAutoReprotect)
+	// The primary placement (side A) boots a pair that never ran.
+	cfg.Preferred, cfg.Restart = r.side == SideA, pc.restart()
+	return cfg
 }
 
 // abandon stops what start began for a runner whose loop never runs; its QEMU runs on.

@@ -288,7 +288,7 @@ func startAgent(cfg config, host string, emb *coord.Embedded, srv *grpc.Server, 
 	}
 	agent, err := controller.NewAgent(controller.AgentConfig{
 		Host: host, PeerAddr: peerAddr, StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Store: store, Legacy: legacy, Log: log, Watch: watch,
-		Fence: keeper,
+		Fence:             keeper,
 		HeartbeatInterval: cfg.HeartbeatInterval, HeartbeatTimeout: cfg.HeartbeatTimeout, LeaseTTL: cfg.LeaseTTL,
 	})
 	if err != nil {

@@ -43,6 +43,112 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// DrillTarget is the side of a pair a drill kills.
+type DrillTarget int32
+
+const (
+	// Unset; invalid.
+	DrillTarget_DRILL_TARGET_UNSPECIFIED DrillTarget = 0
+	// The primary's QEMU: the secondary takes over.
+	DrillTarget_DRILL_TARGET_PRIMARY DrillTarget = 1
+	// The secondary's QEMU: the primary runs on alone, then re-protects.
+	DrillTarget_DRILL_TARGET_SECONDARY DrillTarget = 2
+)
+
+// Enum value maps for DrillTarget.
+var (
+	DrillTarget_name = map[int32]string{
+		0: "DRILL_TARGET_UNSPECIFIED",
+		1: "DRILL_TARGET_PRIMARY",
+		2: "DRILL_TARGET_SECONDARY",
+	}
+	DrillTarget_value = map[string]int32{
+		"DRILL_TARGET_UNSPECIFIED": 0,
+		"DRILL_TARGET_PRIMARY":     1,
+		"DRILL_TARGET_SECONDARY":   2,
+	}
+)
+
+func (x DrillTarget) Enum() *DrillTarget {
+	p := new(DrillTarget)
+	*p = x
+	return p
+}
+
+func (x DrillTarget) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (DrillTarget) Descriptor() protoreflect.EnumDescriptor {
+	return file_lockstep_v1_lockstep_proto_enumTypes[0].Descriptor()
+}
+
+func (DrillTarget) Type() protoreflect.EnumType {
+	return &file_lockstep_v1_lockstep_proto_enumTypes[0]
+}
+
+func (x DrillTarget) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use DrillTarget.Descriptor instead.
+func (DrillTarget) EnumDescriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{0}
+}
+
+// RestartPolicy is what happens when the only running copy of a pair's VM dies.
+type RestartPolicy int32
+
+const (
+	// Unset: ALWAYS.
+	RestartPolicy_RESTART_POLICY_UNSPECIFIED RestartPolicy = 0
+	// Boot the VM again from the last primary's disk, then protect it.
+	RestartPolicy_RESTART_POLICY_ALWAYS RestartPolicy = 1
+	// Leave the pair FAILED.
+	RestartPolicy_RESTART_POLICY_NEVER RestartPolicy = 2
+)
+
+// Enum value maps for RestartPolicy.
+var (
+	RestartPolicy_name = map[int32]string{
+		0: "RESTART_POLICY_UNSPECIFIED",
+		1: "RESTART_POLICY_ALWAYS",
+		2: "RESTART_POLICY_NEVER",
+	}
+	RestartPolicy_value = map[string]int32{
+		"RESTART_POLICY_UNSPECIFIED": 0,
+		"RESTART_POLICY_ALWAYS":      1,
+		"RESTART_POLICY_NEVER":       2,
+	}
+)
+
+func (x RestartPolicy) Enum() *RestartPolicy {
+	p := new(RestartPolicy)
+	*p = x
+	return p
+}
+
+func (x RestartPolicy) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (RestartPolicy) Descriptor() protoreflect.EnumDescriptor {
+	return file_lockstep_v1_lockstep_proto_enumTypes[1].Descriptor()
+}
+
+func (RestartPolicy) Type() protoreflect.EnumType {
+	return &file_lockstep_v1_lockstep_proto_enumTypes[1]
+}
+
+func (x RestartPolicy) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use RestartPolicy.Descriptor instead.
+func (RestartPolicy) EnumDescriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{1}
+}
+
 // Accel is the QEMU accelerator of a pair's VMs.
 type Accel int32
 
@@ -84,11 +190,11 @@ func (x Accel) String() string {
 }
 
 func (Accel) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[0].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[2].Descriptor()
 }
 
 func (Accel) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[0]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[2]
 }
 
 func (x Accel) Number() protoreflect.EnumNumber {
@@ -97,7 +203,7 @@ func (x Accel) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Accel.Descriptor instead.
 func (Accel) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{0}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{2}
 }
 
 // NicBackend is how a guest NIC reaches the host's network.
@@ -141,11 +247,11 @@ func (x NicBackend) String() string {
 }
 
 func (NicBackend) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[1].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[3].Descriptor()
 }
 
 func (NicBackend) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[1]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[3]
 }
 
 func (x NicBackend) Number() protoreflect.EnumNumber {
@@ -154,7 +260,7 @@ func (x NicBackend) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use NicBackend.Descriptor instead.
 func (NicBackend) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{1}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{3}
 }
 
 // PairState is the state of a pair.
@@ -218,11 +324,11 @@ func (x PairState) String() string {
 }
 
 func (PairState) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[2].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[4].Descriptor()
 }
 
 func (PairState) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[2]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[4]
 }
 
 func (x PairState) Number() protoreflect.EnumNumber {
@@ -231,7 +337,7 @@ func (x PairState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use PairState.Descriptor instead.
 func (PairState) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{2}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{4}
 }
 
 // ColoMode is a QEMU's COLO mode, as query-colo-status reports it.
@@ -275,11 +381,11 @@ func (x ColoMode) String() string {
 }
 
 func (ColoMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[3].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[5].Descriptor()
 }
 
 func (ColoMode) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[3]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[5]
 }
 
 func (x ColoMode) Number() protoreflect.EnumNumber {
@@ -288,7 +394,7 @@ func (x ColoMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ColoMode.Descriptor instead.
 func (ColoMode) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{3}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{5}
 }
 
 // FailoverTrigger is what started a failover.
@@ -333,11 +439,11 @@ func (x FailoverTrigger) String() string {
 }
 
 func (FailoverTrigger) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[4].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[6].Descriptor()
 }
 
 func (FailoverTrigger) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[4]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[6]
 }
 
 func (x FailoverTrigger) Number() protoreflect.EnumNumber {
@@ -346,7 +452,7 @@ func (x FailoverTrigger) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FailoverTrigger.Descriptor instead.
 func (FailoverTrigger) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{4}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{6}
 }
 
 // StepPhase is where a sequence step stands.
@@ -390,11 +496,11 @@ func (x StepPhase) String() string {
 }
 
 func (StepPhase) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[5].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[7].Descriptor()
 }
 
 func (StepPhase) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[5]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[7]
 }
 
 func (x StepPhase) Number() protoreflect.EnumNumber {
@@ -403,7 +509,7 @@ func (x StepPhase) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use StepPhase.Descriptor instead.
 func (StepPhase) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{5}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{7}
 }
 
 // FailoverMode is the kind of failover an operator asks for.
@@ -445,11 +551,11 @@ func (x FailoverMode) String() string {
 }
 
 func (FailoverMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[6].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[8].Descriptor()
 }
 
 func (FailoverMode) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[6]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[8]
 }
 
 func (x FailoverMode) Number() protoreflect.EnumNumber {
@@ -458,7 +564,7 @@ func (x FailoverMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FailoverMode.Descriptor instead.
 func (FailoverMode) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{6}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{8}
 }
 
 // Role is the role an agent's side plays in a pair.
@@ -502,11 +608,11 @@ func (x Role) String() string {
 }
 
 func (Role) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[7].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[9].Descriptor()
 }
 
 func (Role) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[7]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[9]
 }
 
 func (x Role) Number() protoreflect.EnumNumber {
@@ -515,7 +621,7 @@ func (x Role) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Role.Descriptor instead.
 func (Role) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{7}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{9}
 }
 
 // HandOverReason is why a primary hands the VM over to its secondary.
@@ -561,11 +667,11 @@ func (x HandOverReason) String() string {
 }
 
 func (HandOverReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[8].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[10].Descriptor()
 }
 
 func (HandOverReason) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[8]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[10]
 }
 
 func (x HandOverReason) Number() protoreflect.EnumNumber {
@@ -574,7 +680,411 @@ func (x HandOverReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use HandOverReason.Descriptor instead.
 func (HandOverReason) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{8}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{10}
+}
+
+// StopPairRequest is the request of StopPair.
+type StopPairRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The pair's name.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StopPairRequest) Reset() {
+	*x = StopPairRequest{}
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StopPairRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StopPairRequest) ProtoMessage() {}
+
+func (x *StopPairRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StopPairRequest.ProtoReflect.Descriptor instead.
+func (*StopPairRequest) Descriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *StopPairRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// StopPairResponse is the response of StopPair.
+type StopPairResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The pair's status after the stop.
+	Status        *PairStatus `protobuf:"bytes,1,opt,name=status,proto3" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StopPairResponse) Reset() {
+	*x = StopPairResponse{}
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StopPairResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StopPairResponse) ProtoMessage() {}
+
+func (x *StopPairResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StopPairResponse.ProtoReflect.Descriptor instead.
+func (*StopPairResponse) Descriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *StopPairResponse) GetStatus() *PairStatus {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
+// StartPairRequest is the request of StartPair.
+type StartPairRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The pair's name.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartPairRequest) Reset() {
+	*x = StartPairRequest{}
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartPairRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartPairRequest) ProtoMessage() {}
+
+func (x *StartPairRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartPairRequest.ProtoReflect.Descriptor instead.
+func (*StartPairRequest) Descriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *StartPairRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// StartPairResponse is the response of StartPair.
+type StartPairResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The pair's status once it is starting.
+	Status        *PairStatus `protobuf:"bytes,1,opt,name=status,proto3" json:"status,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartPairResponse) Reset() {
+	*x = StartPairResponse{}
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartPairResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartPairResponse) ProtoMessage() {}
+
+func (x *StartPairResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartPairResponse.ProtoReflect.Descriptor instead.
+func (*StartPairResponse) Descriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *StartPairResponse) GetStatus() *PairStatus {
+	if x != nil {
+		return x.Status
+	}
+	return nil
+}
+
+// DrillRequest is the request of Drill.
+type DrillRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The pair's name.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Which QEMU to kill.
+	Target        DrillTarget `protobuf:"varint,2,opt,name=target,proto3,enum=lockstep.v1.DrillTarget" json:"target,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrillRequest) Reset() {
+	*x = DrillRequest{}
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrillRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrillRequest) ProtoMessage() {}
+
+func (x *DrillRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrillRequest.ProtoReflect.Descriptor instead.
+func (*DrillRequest) Descriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *DrillRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DrillRequest) GetTarget() DrillTarget {
+	if x != nil {
+		return x.Target
+	}
+	return DrillTarget_DRILL_TARGET_UNSPECIFIED
+}
+
+// DrillResponse is the response of Drill.
+type DrillResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The host whose QEMU was killed.
+	Host string `protobuf:"bytes,1,opt,name=host,proto3" json:"host,omitempty"`
+	// The killed QEMU's process id.
+	Pid int64 `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`
+	// When it was killed, by the agent's clock.
+	KillTime      *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=kill_time,json=killTime,proto3" json:"kill_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrillResponse) Reset() {
+	*x = DrillResponse{}
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrillResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrillResponse) ProtoMessage() {}
+
+func (x *DrillResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrillResponse.ProtoReflect.Descriptor instead.
+func (*DrillResponse) Descriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *DrillResponse) GetHost() string {
+	if x != nil {
+		return x.Host
+	}
+	return ""
+}
+
+func (x *DrillResponse) GetPid() int64 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *DrillResponse) GetKillTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.KillTime
+	}
+	return nil
+}
+
+// ConsoleRequest is one message of a Console stream from the client.
+type ConsoleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The pair's name; read from the first message only.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Bytes for the guest's serial port.
+	Input         []byte `protobuf:"bytes,2,opt,name=input,proto3" json:"input,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleRequest) Reset() {
+	*x = ConsoleRequest{}
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleRequest) ProtoMessage() {}
+
+func (x *ConsoleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleRequest.ProtoReflect.Descriptor instead.
+func (*ConsoleRequest) Descriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ConsoleRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ConsoleRequest) GetInput() []byte {
+	if x != nil {
+		return x.Input
+	}
+	return nil
+}
+
+// ConsoleResponse is one message of a Console stream from the agent.
+type ConsoleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Bytes the guest wrote to its serial port.
+	Output        []byte `protobuf:"bytes,1,opt,name=output,proto3" json:"output,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConsoleResponse) Reset() {
+	*x = ConsoleResponse{}
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConsoleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConsoleResponse) ProtoMessage() {}
+
+func (x *ConsoleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConsoleResponse.ProtoReflect.Descriptor instead.
+func (*ConsoleResponse) Descriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ConsoleResponse) GetOutput() []byte {
+	if x != nil {
+		return x.Output
+	}
+	return nil
 }
 
 // Pair is a protected VM: what the operator asked for and how it is doing.
@@ -590,7 +1100,7 @@ type Pair struct {
 
 func (x *Pair) Reset() {
 	*x = Pair{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[0]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -602,7 +1112,7 @@ func (x *Pair) String() string {
 func (*Pair) ProtoMessage() {}
 
 func (x *Pair) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[0]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -615,7 +1125,7 @@ func (x *Pair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pair.ProtoReflect.Descriptor instead.
 func (*Pair) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{0}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Pair) GetSpec() *PairSpec {
@@ -675,13 +1185,17 @@ type PairSpec struct {
 	// Whether the agents re-protect the pair by themselves once it runs unprotected and a
 	// secondary can be had again. Unset means true (read it with AutoReprotectEnabled).
 	AutoReprotect *bool `protobuf:"varint,16,opt,name=auto_reprotect,json=autoReprotect,proto3,oneof" json:"auto_reprotect,omitempty"`
+	// What the agent does when the only running copy of the VM dies (its primary with no
+	// secondary in COLO to take over): ALWAYS (the default) boots it again from the last
+	// primary's disk, as an HA cluster would; NEVER leaves the pair FAILED for the operator.
+	RestartPolicy RestartPolicy `protobuf:"varint,17,opt,name=restart_policy,json=restartPolicy,proto3,enum=lockstep.v1.RestartPolicy" json:"restart_policy,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PairSpec) Reset() {
 	*x = PairSpec{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[1]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -693,7 +1207,7 @@ func (x *PairSpec) String() string {
 func (*PairSpec) ProtoMessage() {}
 
 func (x *PairSpec) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[1]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -706,7 +1220,7 @@ func (x *PairSpec) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairSpec.ProtoReflect.Descriptor instead.
 func (*PairSpec) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{1}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PairSpec) GetName() string {
@@ -821,6 +1335,13 @@ func (x *PairSpec) GetAutoReprotect() bool {
 	return false
 }
 
+func (x *PairSpec) GetRestartPolicy() RestartPolicy {
+	if x != nil {
+		return x.RestartPolicy
+	}
+	return RestartPolicy_RESTART_POLICY_UNSPECIFIED
+}
+
 // Nic is the guest's network card and its host backend.
 type Nic struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -841,7 +1362,7 @@ type Nic struct {
 
 func (x *Nic) Reset() {
 	*x = Nic{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[2]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +1374,7 @@ func (x *Nic) String() string {
 func (*Nic) ProtoMessage() {}
 
 func (x *Nic) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[2]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +1387,7 @@ func (x *Nic) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Nic.ProtoReflect.Descriptor instead.
 func (*Nic) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{2}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Nic) GetMac() string {
@@ -930,7 +1451,7 @@ type Tunables struct {
 
 func (x *Tunables) Reset() {
 	*x = Tunables{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[3]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -942,7 +1463,7 @@ func (x *Tunables) String() string {
 func (*Tunables) ProtoMessage() {}
 
 func (x *Tunables) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[3]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -955,7 +1476,7 @@ func (x *Tunables) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tunables.ProtoReflect.Descriptor instead.
 func (*Tunables) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{3}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Tunables) GetCheckpointDelay() *durationpb.Duration {
@@ -1014,7 +1535,7 @@ type Placement struct {
 
 func (x *Placement) Reset() {
 	*x = Placement{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[4]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1026,7 +1547,7 @@ func (x *Placement) String() string {
 func (*Placement) ProtoMessage() {}
 
 func (x *Placement) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[4]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1039,7 +1560,7 @@ func (x *Placement) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Placement.ProtoReflect.Descriptor instead.
 func (*Placement) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{4}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Placement) GetHost() string {
@@ -1120,7 +1641,7 @@ type PairStatus struct {
 
 func (x *PairStatus) Reset() {
 	*x = PairStatus{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[5]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1132,7 +1653,7 @@ func (x *PairStatus) String() string {
 func (*PairStatus) ProtoMessage() {}
 
 func (x *PairStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[5]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1145,7 +1666,7 @@ func (x *PairStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairStatus.ProtoReflect.Descriptor instead.
 func (*PairStatus) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{5}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *PairStatus) GetState() PairState {
@@ -1275,7 +1796,7 @@ type SideStatus struct {
 
 func (x *SideStatus) Reset() {
 	*x = SideStatus{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[6]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1287,7 +1808,7 @@ func (x *SideStatus) String() string {
 func (*SideStatus) ProtoMessage() {}
 
 func (x *SideStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[6]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1300,7 +1821,7 @@ func (x *SideStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SideStatus.ProtoReflect.Descriptor instead.
 func (*SideStatus) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{6}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SideStatus) GetRunning() bool {
@@ -1354,7 +1875,7 @@ type CheckpointStats struct {
 
 func (x *CheckpointStats) Reset() {
 	*x = CheckpointStats{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[7]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1366,7 +1887,7 @@ func (x *CheckpointStats) String() string {
 func (*CheckpointStats) ProtoMessage() {}
 
 func (x *CheckpointStats) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[7]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1379,7 +1900,7 @@ func (x *CheckpointStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckpointStats.ProtoReflect.Descriptor instead.
 func (*CheckpointStats) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{7}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CheckpointStats) GetCount() uint64 {
@@ -1465,7 +1986,7 @@ type ResyncProgress struct {
 
 func (x *ResyncProgress) Reset() {
 	*x = ResyncProgress{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[8]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1477,7 +1998,7 @@ func (x *ResyncProgress) String() string {
 func (*ResyncProgress) ProtoMessage() {}
 
 func (x *ResyncProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[8]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1490,7 +2011,7 @@ func (x *ResyncProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResyncProgress.ProtoReflect.Descriptor instead.
 func (*ResyncProgress) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{8}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ResyncProgress) GetOffset() uint64 {
@@ -1520,7 +2041,7 @@ type PeerStatus struct {
 
 func (x *PeerStatus) Reset() {
 	*x = PeerStatus{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[9]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1532,7 +2053,7 @@ func (x *PeerStatus) String() string {
 func (*PeerStatus) ProtoMessage() {}
 
 func (x *PeerStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[9]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1545,7 +2066,7 @@ func (x *PeerStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerStatus.ProtoReflect.Descriptor instead.
 func (*PeerStatus) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{9}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PeerStatus) GetReachable() bool {
@@ -1591,7 +2112,7 @@ type FailoverSummary struct {
 
 func (x *FailoverSummary) Reset() {
 	*x = FailoverSummary{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[10]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1603,7 +2124,7 @@ func (x *FailoverSummary) String() string {
 func (*FailoverSummary) ProtoMessage() {}
 
 func (x *FailoverSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[10]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1616,7 +2137,7 @@ func (x *FailoverSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailoverSummary.ProtoReflect.Descriptor instead.
 func (*FailoverSummary) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{10}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *FailoverSummary) GetStartTime() *timestamppb.Timestamp {
@@ -1712,7 +2233,7 @@ type StepProgress struct {
 
 func (x *StepProgress) Reset() {
 	*x = StepProgress{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[11]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1724,7 +2245,7 @@ func (x *StepProgress) String() string {
 func (*StepProgress) ProtoMessage() {}
 
 func (x *StepProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[11]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1737,7 +2258,7 @@ func (x *StepProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StepProgress.ProtoReflect.Descriptor instead.
 func (*StepProgress) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{11}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *StepProgress) GetSequence() string {
@@ -1811,7 +2332,7 @@ type PairEvent struct {
 
 func (x *PairEvent) Reset() {
 	*x = PairEvent{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[12]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1823,7 +2344,7 @@ func (x *PairEvent) String() string {
 func (*PairEvent) ProtoMessage() {}
 
 func (x *PairEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[12]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1836,7 +2357,7 @@ func (x *PairEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PairEvent.ProtoReflect.Descriptor instead.
 func (*PairEvent) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{12}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PairEvent) GetTime() *timestamppb.Timestamp {
@@ -1969,7 +2490,7 @@ type StateChange struct {
 
 func (x *StateChange) Reset() {
 	*x = StateChange{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[13]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1981,7 +2502,7 @@ func (x *StateChange) String() string {
 func (*StateChange) ProtoMessage() {}
 
 func (x *StateChange) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[13]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1994,7 +2515,7 @@ func (x *StateChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StateChange.ProtoReflect.Descriptor instead.
 func (*StateChange) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{13}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StateChange) GetFromState() PairState {
@@ -2022,14 +2543,18 @@ func (x *StateChange) GetReason() string {
 type CreatePairRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The new pair's spec.
-	Spec          *PairSpec `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	Spec *PairSpec `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
+	// Only validate: check the spec and its conflicts with the other pairs as CreatePair would,
+	// and return the pair as it would be stored (defaults filled in, no status); nothing is
+	// stored or started.
+	DryRun        bool `protobuf:"varint,2,opt,name=dry_run,json=dryRun,proto3" json:"dry_run,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CreatePairRequest) Reset() {
 	*x = CreatePairRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[14]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2041,7 +2566,7 @@ func (x *CreatePairRequest) String() string {
 func (*CreatePairRequest) ProtoMessage() {}
 
 func (x *CreatePairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[14]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2054,7 +2579,7 @@ func (x *CreatePairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreatePairRequest.ProtoReflect.Descriptor instead.
 func (*CreatePairRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{14}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CreatePairRequest) GetSpec() *PairSpec {
@@ -2062,6 +2587,13 @@ func (x *CreatePairRequest) GetSpec() *PairSpec {
 		return x.Spec
 	}
 	return nil
+}
+
+func (x *CreatePairRequest) GetDryRun() bool {
+	if x != nil {
+		return x.DryRun
+	}
+	return false
 }
 
 // CreatePairResponse is the response of CreatePair.
@@ -2075,7 +2607,7 @@ type CreatePairResponse struct {
 
 func (x *CreatePairResponse) Reset() {
 	*x = CreatePairResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[15]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2087,7 +2619,7 @@ func (x *CreatePairResponse) String() string {
 func (*CreatePairResponse) ProtoMessage() {}
 
 func (x *CreatePairResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[15]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2100,7 +2632,7 @@ func (x *CreatePairResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreatePairResponse.ProtoReflect.Descriptor instead.
 func (*CreatePairResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{15}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CreatePairResponse) GetPair() *Pair {
@@ -2121,7 +2653,7 @@ type GetPairRequest struct {
 
 func (x *GetPairRequest) Reset() {
 	*x = GetPairRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[16]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2133,7 +2665,7 @@ func (x *GetPairRequest) String() string {
 func (*GetPairRequest) ProtoMessage() {}
 
 func (x *GetPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[16]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2146,7 +2678,7 @@ func (x *GetPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPairRequest.ProtoReflect.Descriptor instead.
 func (*GetPairRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{16}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *GetPairRequest) GetName() string {
@@ -2167,7 +2699,7 @@ type GetPairResponse struct {
 
 func (x *GetPairResponse) Reset() {
 	*x = GetPairResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[17]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2179,7 +2711,7 @@ func (x *GetPairResponse) String() string {
 func (*GetPairResponse) ProtoMessage() {}
 
 func (x *GetPairResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[17]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2192,7 +2724,7 @@ func (x *GetPairResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetPairResponse.ProtoReflect.Descriptor instead.
 func (*GetPairResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{17}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetPairResponse) GetPair() *Pair {
@@ -2211,7 +2743,7 @@ type ListPairsRequest struct {
 
 func (x *ListPairsRequest) Reset() {
 	*x = ListPairsRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[18]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2223,7 +2755,7 @@ func (x *ListPairsRequest) String() string {
 func (*ListPairsRequest) ProtoMessage() {}
 
 func (x *ListPairsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[18]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2236,7 +2768,7 @@ func (x *ListPairsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPairsRequest.ProtoReflect.Descriptor instead.
 func (*ListPairsRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{18}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{26}
 }
 
 // ListPairsResponse is the response of ListPairs.
@@ -2250,7 +2782,7 @@ type ListPairsResponse struct {
 
 func (x *ListPairsResponse) Reset() {
 	*x = ListPairsResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[19]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2262,7 +2794,7 @@ func (x *ListPairsResponse) String() string {
 func (*ListPairsResponse) ProtoMessage() {}
 
 func (x *ListPairsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[19]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2275,7 +2807,7 @@ func (x *ListPairsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListPairsResponse.ProtoReflect.Descriptor instead.
 func (*ListPairsResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{19}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListPairsResponse) GetPairs() []*Pair {
@@ -2296,7 +2828,7 @@ type DeletePairRequest struct {
 
 func (x *DeletePairRequest) Reset() {
 	*x = DeletePairRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[20]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2308,7 +2840,7 @@ func (x *DeletePairRequest) String() string {
 func (*DeletePairRequest) ProtoMessage() {}
 
 func (x *DeletePairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[20]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2321,7 +2853,7 @@ func (x *DeletePairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePairRequest.ProtoReflect.Descriptor instead.
 func (*DeletePairRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{20}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DeletePairRequest) GetName() string {
@@ -2340,7 +2872,7 @@ type DeletePairResponse struct {
 
 func (x *DeletePairResponse) Reset() {
 	*x = DeletePairResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[21]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2352,7 +2884,7 @@ func (x *DeletePairResponse) String() string {
 func (*DeletePairResponse) ProtoMessage() {}
 
 func (x *DeletePairResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[21]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2365,7 +2897,7 @@ func (x *DeletePairResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeletePairResponse.ProtoReflect.Descriptor instead.
 func (*DeletePairResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{21}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{29}
 }
 
 // WatchPairRequest is the request of WatchPair.
@@ -2379,7 +2911,7 @@ type WatchPairRequest struct {
 
 func (x *WatchPairRequest) Reset() {
 	*x = WatchPairRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[22]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2391,7 +2923,7 @@ func (x *WatchPairRequest) String() string {
 func (*WatchPairRequest) ProtoMessage() {}
 
 func (x *WatchPairRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[22]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2404,7 +2936,7 @@ func (x *WatchPairRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchPairRequest.ProtoReflect.Descriptor instead.
 func (*WatchPairRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{22}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *WatchPairRequest) GetName() string {
@@ -2425,7 +2957,7 @@ type WatchPairResponse struct {
 
 func (x *WatchPairResponse) Reset() {
 	*x = WatchPairResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[23]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2437,7 +2969,7 @@ func (x *WatchPairResponse) String() string {
 func (*WatchPairResponse) ProtoMessage() {}
 
 func (x *WatchPairResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[23]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2450,7 +2982,7 @@ func (x *WatchPairResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchPairResponse.ProtoReflect.Descriptor instead.
 func (*WatchPairResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{23}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *WatchPairResponse) GetEvent() *PairEvent {
@@ -2475,7 +3007,7 @@ type FailoverRequest struct {
 
 func (x *FailoverRequest) Reset() {
 	*x = FailoverRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[24]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2487,7 +3019,7 @@ func (x *FailoverRequest) String() string {
 func (*FailoverRequest) ProtoMessage() {}
 
 func (x *FailoverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[24]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2500,7 +3032,7 @@ func (x *FailoverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailoverRequest.ProtoReflect.Descriptor instead.
 func (*FailoverRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{24}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *FailoverRequest) GetName() string {
@@ -2537,7 +3069,7 @@ type FailoverResponse struct {
 
 func (x *FailoverResponse) Reset() {
 	*x = FailoverResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[25]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2549,7 +3081,7 @@ func (x *FailoverResponse) String() string {
 func (*FailoverResponse) ProtoMessage() {}
 
 func (x *FailoverResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[25]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2562,7 +3094,7 @@ func (x *FailoverResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailoverResponse.ProtoReflect.Descriptor instead.
 func (*FailoverResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{25}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *FailoverResponse) GetFailover() *FailoverSummary {
@@ -2590,7 +3122,7 @@ type ReprotectRequest struct {
 
 func (x *ReprotectRequest) Reset() {
 	*x = ReprotectRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[26]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2602,7 +3134,7 @@ func (x *ReprotectRequest) String() string {
 func (*ReprotectRequest) ProtoMessage() {}
 
 func (x *ReprotectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[26]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2615,7 +3147,7 @@ func (x *ReprotectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReprotectRequest.ProtoReflect.Descriptor instead.
 func (*ReprotectRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{26}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReprotectRequest) GetName() string {
@@ -2636,7 +3168,7 @@ type ReprotectResponse struct {
 
 func (x *ReprotectResponse) Reset() {
 	*x = ReprotectResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[27]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2648,7 +3180,7 @@ func (x *ReprotectResponse) String() string {
 func (*ReprotectResponse) ProtoMessage() {}
 
 func (x *ReprotectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[27]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2661,7 +3193,7 @@ func (x *ReprotectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReprotectResponse.ProtoReflect.Descriptor instead.
 func (*ReprotectResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{27}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ReprotectResponse) GetStatus() *PairStatus {
@@ -2688,7 +3220,7 @@ type SetParametersRequest struct {
 
 func (x *SetParametersRequest) Reset() {
 	*x = SetParametersRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[28]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2700,7 +3232,7 @@ func (x *SetParametersRequest) String() string {
 func (*SetParametersRequest) ProtoMessage() {}
 
 func (x *SetParametersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[28]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2713,7 +3245,7 @@ func (x *SetParametersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetParametersRequest.ProtoReflect.Descriptor instead.
 func (*SetParametersRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{28}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *SetParametersRequest) GetName() string {
@@ -2755,7 +3287,7 @@ type SetParametersResponse struct {
 
 func (x *SetParametersResponse) Reset() {
 	*x = SetParametersResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[29]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2767,7 +3299,7 @@ func (x *SetParametersResponse) String() string {
 func (*SetParametersResponse) ProtoMessage() {}
 
 func (x *SetParametersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[29]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2780,7 +3312,7 @@ func (x *SetParametersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetParametersResponse.ProtoReflect.Descriptor instead.
 func (*SetParametersResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{29}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *SetParametersResponse) GetTunables() *Tunables {
@@ -2818,7 +3350,7 @@ type PeerSideState struct {
 
 func (x *PeerSideState) Reset() {
 	*x = PeerSideState{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[30]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2830,7 +3362,7 @@ func (x *PeerSideState) String() string {
 func (*PeerSideState) ProtoMessage() {}
 
 func (x *PeerSideState) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[30]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2843,7 +3375,7 @@ func (x *PeerSideState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerSideState.ProtoReflect.Descriptor instead.
 func (*PeerSideState) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{30}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *PeerSideState) GetHost() string {
@@ -2922,7 +3454,7 @@ type StaleEpoch struct {
 
 func (x *StaleEpoch) Reset() {
 	*x = StaleEpoch{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[31]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2934,7 +3466,7 @@ func (x *StaleEpoch) String() string {
 func (*StaleEpoch) ProtoMessage() {}
 
 func (x *StaleEpoch) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[31]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2947,7 +3479,7 @@ func (x *StaleEpoch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StaleEpoch.ProtoReflect.Descriptor instead.
 func (*StaleEpoch) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{31}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *StaleEpoch) GetRequestEpoch() uint64 {
@@ -2981,7 +3513,7 @@ type HeartbeatRequest struct {
 
 func (x *HeartbeatRequest) Reset() {
 	*x = HeartbeatRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[32]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2993,7 +3525,7 @@ func (x *HeartbeatRequest) String() string {
 func (*HeartbeatRequest) ProtoMessage() {}
 
 func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[32]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3006,7 +3538,7 @@ func (x *HeartbeatRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatRequest.ProtoReflect.Descriptor instead.
 func (*HeartbeatRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{32}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *HeartbeatRequest) GetPairName() string {
@@ -3055,7 +3587,7 @@ type HeartbeatResponse struct {
 
 func (x *HeartbeatResponse) Reset() {
 	*x = HeartbeatResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[33]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3067,7 +3599,7 @@ func (x *HeartbeatResponse) String() string {
 func (*HeartbeatResponse) ProtoMessage() {}
 
 func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[33]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3080,7 +3612,7 @@ func (x *HeartbeatResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatResponse.ProtoReflect.Descriptor instead.
 func (*HeartbeatResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{33}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *HeartbeatResponse) GetEpoch() uint64 {
@@ -3121,7 +3653,7 @@ type ProtectionPorts struct {
 
 func (x *ProtectionPorts) Reset() {
 	*x = ProtectionPorts{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[34]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3133,7 +3665,7 @@ func (x *ProtectionPorts) String() string {
 func (*ProtectionPorts) ProtoMessage() {}
 
 func (x *ProtectionPorts) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[34]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3146,7 +3678,7 @@ func (x *ProtectionPorts) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProtectionPorts.ProtoReflect.Descriptor instead.
 func (*ProtectionPorts) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{34}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *ProtectionPorts) GetMigration() uint32 {
@@ -3207,7 +3739,7 @@ type PrepareSecondaryRequest struct {
 
 func (x *PrepareSecondaryRequest) Reset() {
 	*x = PrepareSecondaryRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[35]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3219,7 +3751,7 @@ func (x *PrepareSecondaryRequest) String() string {
 func (*PrepareSecondaryRequest) ProtoMessage() {}
 
 func (x *PrepareSecondaryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[35]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3232,7 +3764,7 @@ func (x *PrepareSecondaryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareSecondaryRequest.ProtoReflect.Descriptor instead.
 func (*PrepareSecondaryRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{35}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *PrepareSecondaryRequest) GetPairName() string {
@@ -3313,7 +3845,7 @@ type PrepareSecondaryResponse struct {
 
 func (x *PrepareSecondaryResponse) Reset() {
 	*x = PrepareSecondaryResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[36]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3325,7 +3857,7 @@ func (x *PrepareSecondaryResponse) String() string {
 func (*PrepareSecondaryResponse) ProtoMessage() {}
 
 func (x *PrepareSecondaryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[36]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3338,7 +3870,7 @@ func (x *PrepareSecondaryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrepareSecondaryResponse.ProtoReflect.Descriptor instead.
 func (*PrepareSecondaryResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{36}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *PrepareSecondaryResponse) GetPorts() *ProtectionPorts {
@@ -3380,7 +3912,7 @@ type TearDownSecondaryRequest struct {
 
 func (x *TearDownSecondaryRequest) Reset() {
 	*x = TearDownSecondaryRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[37]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3392,7 +3924,7 @@ func (x *TearDownSecondaryRequest) String() string {
 func (*TearDownSecondaryRequest) ProtoMessage() {}
 
 func (x *TearDownSecondaryRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[37]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3405,7 +3937,7 @@ func (x *TearDownSecondaryRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TearDownSecondaryRequest.ProtoReflect.Descriptor instead.
 func (*TearDownSecondaryRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{37}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *TearDownSecondaryRequest) GetPairName() string {
@@ -3445,7 +3977,7 @@ type TearDownSecondaryResponse struct {
 
 func (x *TearDownSecondaryResponse) Reset() {
 	*x = TearDownSecondaryResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[38]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3457,7 +3989,7 @@ func (x *TearDownSecondaryResponse) String() string {
 func (*TearDownSecondaryResponse) ProtoMessage() {}
 
 func (x *TearDownSecondaryResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[38]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3470,7 +4002,7 @@ func (x *TearDownSecondaryResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TearDownSecondaryResponse.ProtoReflect.Descriptor instead.
 func (*TearDownSecondaryResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{38}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{46}
 }
 
 // HandOverRequest is the request of HandOver.
@@ -3496,7 +4028,7 @@ type HandOverRequest struct {
 
 func (x *HandOverRequest) Reset() {
 	*x = HandOverRequest{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[39]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3508,7 +4040,7 @@ func (x *HandOverRequest) String() string {
 func (*HandOverRequest) ProtoMessage() {}
 
 func (x *HandOverRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[39]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3521,7 +4053,7 @@ func (x *HandOverRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HandOverRequest.ProtoReflect.Descriptor instead.
 func (*HandOverRequest) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{39}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *HandOverRequest) GetPairName() string {
@@ -3579,7 +4111,7 @@ type HandOverResponse struct {
 
 func (x *HandOverResponse) Reset() {
 	*x = HandOverResponse{}
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[40]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3591,7 +4123,7 @@ func (x *HandOverResponse) String() string {
 func (*HandOverResponse) ProtoMessage() {}
 
 func (x *HandOverResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_lockstep_v1_lockstep_proto_msgTypes[40]
+	mi := &file_lockstep_v1_lockstep_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3604,7 +4136,7 @@ func (x *HandOverResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HandOverResponse.ProtoReflect.Descriptor instead.
 func (*HandOverResponse) Descriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{40}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *HandOverResponse) GetEpoch() uint64 {
@@ -3625,10 +4157,30 @@ var File_lockstep_v1_lockstep_proto protoreflect.FileDescriptor
 
 const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\n" +
-	"\x1alockstep/v1/lockstep.proto\x12\vlockstep.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n" +
+	"\x1alockstep/v1/lockstep.proto\x12\vlockstep.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n" +
+	"\x0fStopPairRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"C\n" +
+	"\x10StopPairResponse\x12/\n" +
+	"\x06status\x18\x01 \x01(\v2\x17.lockstep.v1.PairStatusR\x06status\"&\n" +
+	"\x10StartPairRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"D\n" +
+	"\x11StartPairResponse\x12/\n" +
+	"\x06status\x18\x01 \x01(\v2\x17.lockstep.v1.PairStatusR\x06status\"T\n" +
+	"\fDrillRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x120\n" +
+	"\x06target\x18\x02 \x01(\x0e2\x18.lockstep.v1.DrillTargetR\x06target\"n\n" +
+	"\rDrillResponse\x12\x12\n" +
+	"\x04host\x18\x01 \x01(\tR\x04host\x12\x10\n" +
+	"\x03pid\x18\x02 \x01(\x03R\x03pid\x127\n" +
+	"\tkill_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\bkillTime\":\n" +
+	"\x0eConsoleRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05input\x18\x02 \x01(\fR\x05input\")\n" +
+	"\x0fConsoleResponse\x12\x16\n" +
+	"\x06output\x18\x01 \x01(\fR\x06output\"b\n" +
 	"\x04Pair\x12)\n" +
 	"\x04spec\x18\x01 \x01(\v2\x15.lockstep.v1.PairSpecR\x04spec\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.lockstep.v1.PairStatusR\x06status\"\xd2\x04\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.lockstep.v1.PairStatusR\x06status\"\x95\x05\n" +
 	"\bPairSpec\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
@@ -3647,7 +4199,8 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\btunables\x18\r \x01(\v2\x15.lockstep.v1.TunablesR\btunables\x120\n" +
 	"\aprimary\x18\x0e \x01(\v2\x16.lockstep.v1.PlacementR\aprimary\x124\n" +
 	"\tsecondary\x18\x0f \x01(\v2\x16.lockstep.v1.PlacementR\tsecondary\x12*\n" +
-	"\x0eauto_reprotect\x18\x10 \x01(\bH\x00R\rautoReprotect\x88\x01\x01B\x11\n" +
+	"\x0eauto_reprotect\x18\x10 \x01(\bH\x00R\rautoReprotect\x88\x01\x01\x12A\n" +
+	"\x0erestart_policy\x18\x11 \x01(\x0e2\x1a.lockstep.v1.RestartPolicyR\rrestartPolicyB\x11\n" +
 	"\x0f_auto_reprotect\"\x8a\x01\n" +
 	"\x03Nic\x12\x10\n" +
 	"\x03mac\x18\x01 \x01(\tR\x03mac\x12\x14\n" +
@@ -3753,9 +4306,10 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\n" +
 	"from_state\x18\x01 \x01(\x0e2\x16.lockstep.v1.PairStateR\tfromState\x121\n" +
 	"\bto_state\x18\x02 \x01(\x0e2\x16.lockstep.v1.PairStateR\atoState\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\">\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"W\n" +
 	"\x11CreatePairRequest\x12)\n" +
-	"\x04spec\x18\x01 \x01(\v2\x15.lockstep.v1.PairSpecR\x04spec\";\n" +
+	"\x04spec\x18\x01 \x01(\v2\x15.lockstep.v1.PairSpecR\x04spec\x12\x17\n" +
+	"\adry_run\x18\x02 \x01(\bR\x06dryRun\";\n" +
 	"\x12CreatePairResponse\x12%\n" +
 	"\x04pair\x18\x01 \x01(\v2\x11.lockstep.v1.PairR\x04pair\"$\n" +
 	"\x0eGetPairRequest\x12\x12\n" +
@@ -3859,7 +4413,15 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"leaseEpoch\"_\n" +
 	"\x10HandOverResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x125\n" +
-	"\bduration\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\bduration*L\n" +
+	"\bduration\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\bduration*a\n" +
+	"\vDrillTarget\x12\x1c\n" +
+	"\x18DRILL_TARGET_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14DRILL_TARGET_PRIMARY\x10\x01\x12\x1a\n" +
+	"\x16DRILL_TARGET_SECONDARY\x10\x02*d\n" +
+	"\rRestartPolicy\x12\x1e\n" +
+	"\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x18\n" +
+	"\x14RESTART_POLICY_NEVER\x10\x02*L\n" +
 	"\x05Accel\x12\x15\n" +
 	"\x11ACCEL_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -3910,7 +4472,7 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x1cHAND_OVER_REASON_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x18HAND_OVER_REASON_PLANNED\x10\x01\x12#\n" +
 	"\x1fHAND_OVER_REASON_PRIMARY_FAILED\x10\x02\x12\x1b\n" +
-	"\x17HAND_OVER_REASON_FORCED\x10\x032\xf8\x04\n" +
+	"\x17HAND_OVER_REASON_FORCED\x10\x032\x97\a\n" +
 	"\vPairService\x12M\n" +
 	"\n" +
 	"CreatePair\x12\x1e.lockstep.v1.CreatePairRequest\x1a\x1f.lockstep.v1.CreatePairResponse\x12D\n" +
@@ -3921,7 +4483,11 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\tWatchPair\x12\x1d.lockstep.v1.WatchPairRequest\x1a\x1e.lockstep.v1.WatchPairResponse0\x01\x12G\n" +
 	"\bFailover\x12\x1c.lockstep.v1.FailoverRequest\x1a\x1d.lockstep.v1.FailoverResponse\x12J\n" +
 	"\tReprotect\x12\x1d.lockstep.v1.ReprotectRequest\x1a\x1e.lockstep.v1.ReprotectResponse\x12V\n" +
-	"\rSetParameters\x12!.lockstep.v1.SetParametersRequest\x1a\".lockstep.v1.SetParametersResponse2\xe7\x02\n" +
+	"\rSetParameters\x12!.lockstep.v1.SetParametersRequest\x1a\".lockstep.v1.SetParametersResponse\x12G\n" +
+	"\bStopPair\x12\x1c.lockstep.v1.StopPairRequest\x1a\x1d.lockstep.v1.StopPairResponse\x12J\n" +
+	"\tStartPair\x12\x1d.lockstep.v1.StartPairRequest\x1a\x1e.lockstep.v1.StartPairResponse\x12>\n" +
+	"\x05Drill\x12\x19.lockstep.v1.DrillRequest\x1a\x1a.lockstep.v1.DrillResponse\x12H\n" +
+	"\aConsole\x12\x1b.lockstep.v1.ConsoleRequest\x1a\x1c.lockstep.v1.ConsoleResponse(\x010\x012\xe7\x02\n" +
 	"\vPeerService\x12J\n" +
 	"\tHeartbeat\x12\x1d.lockstep.v1.HeartbeatRequest\x1a\x1e.lockstep.v1.HeartbeatResponse\x12_\n" +
 	"\x10PrepareSecondary\x12$.lockstep.v1.PrepareSecondaryRequest\x1a%.lockstep.v1.PrepareSecondaryResponse\x12b\n" +
@@ -3940,156 +4506,179 @@ func file_lockstep_v1_lockstep_proto_rawDescGZIP() []byte {
 	return file_lockstep_v1_lockstep_proto_rawDescData
 }
 
-var file_lockstep_v1_lockstep_proto_enumTypes = make([]protoimpl.EnumInfo, 9)
-var file_lockstep_v1_lockstep_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
+var file_lockstep_v1_lockstep_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
+var file_lockstep_v1_lockstep_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_lockstep_v1_lockstep_proto_goTypes = []any{
-	(Accel)(0),                        // 0: lockstep.v1.Accel
-	(NicBackend)(0),                   // 1: lockstep.v1.NicBackend
-	(PairState)(0),                    // 2: lockstep.v1.PairState
-	(ColoMode)(0),                     // 3: lockstep.v1.ColoMode
-	(FailoverTrigger)(0),              // 4: lockstep.v1.FailoverTrigger
-	(StepPhase)(0),                    // 5: lockstep.v1.StepPhase
-	(FailoverMode)(0),                 // 6: lockstep.v1.FailoverMode
-	(Role)(0),                         // 7: lockstep.v1.Role
-	(HandOverReason)(0),               // 8: lockstep.v1.HandOverReason
-	(*Pair)(nil),                      // 9: lockstep.v1.Pair
-	(*PairSpec)(nil),                  // 10: lockstep.v1.PairSpec
-	(*Nic)(nil),                       // 11: lockstep.v1.Nic
-	(*Tunables)(nil),                  // 12: lockstep.v1.Tunables
-	(*Placement)(nil),                 // 13: lockstep.v1.Placement
-	(*PairStatus)(nil),                // 14: lockstep.v1.PairStatus
-	(*SideStatus)(nil),                // 15: lockstep.v1.SideStatus
-	(*CheckpointStats)(nil),           // 16: lockstep.v1.CheckpointStats
-	(*ResyncProgress)(nil),            // 17: lockstep.v1.ResyncProgress
-	(*PeerStatus)(nil),                // 18: lockstep.v1.PeerStatus
-	(*FailoverSummary)(nil),           // 19: lockstep.v1.FailoverSummary
-	(*StepProgress)(nil),              // 20: lockstep.v1.StepProgress
-	(*PairEvent)(nil),                 // 21: lockstep.v1.PairEvent
-	(*StateChange)(nil),               // 22: lockstep.v1.StateChange
-	(*CreatePairRequest)(nil),         // 23: lockstep.v1.CreatePairRequest
-	(*CreatePairResponse)(nil),        // 24: lockstep.v1.CreatePairResponse
-	(*GetPairRequest)(nil),            // 25: lockstep.v1.GetPairRequest
-	(*GetPairResponse)(nil),           // 26: lockstep.v1.GetPairResponse
-	(*ListPairsRequest)(nil),          // 27: lockstep.v1.ListPairsRequest
-	(*ListPairsResponse)(nil),         // 28: lockstep.v1.ListPairsResponse
-	(*DeletePairRequest)(nil),         // 29: lockstep.v1.DeletePairRequest
-	(*DeletePairResponse)(nil),        // 30: lockstep.v1.DeletePairResponse
-	(*WatchPairRequest)(nil),          // 31: lockstep.v1.WatchPairRequest
-	(*WatchPairResponse)(nil),         // 32: lockstep.v1.WatchPairResponse
-	(*FailoverRequest)(nil),           // 33: lockstep.v1.FailoverRequest
-	(*FailoverResponse)(nil),          // 34: lockstep.v1.FailoverResponse
-	(*ReprotectRequest)(nil),          // 35: lockstep.v1.ReprotectRequest
-	(*ReprotectResponse)(nil),         // 36: lockstep.v1.ReprotectResponse
-	(*SetParametersRequest)(nil),      // 37: lockstep.v1.SetParametersRequest
-	(*SetParametersResponse)(nil),     // 38: lockstep.v1.SetParametersResponse
-	(*PeerSideState)(nil),             // 39: lockstep.v1.PeerSideState
-	(*StaleEpoch)(nil),                // 40: lockstep.v1.StaleEpoch
-	(*HeartbeatRequest)(nil),          // 41: lockstep.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),         // 42: lockstep.v1.HeartbeatResponse
-	(*ProtectionPorts)(nil),           // 43: lockstep.v1.ProtectionPorts
-	(*PrepareSecondaryRequest)(nil),   // 44: lockstep.v1.PrepareSecondaryRequest
-	(*PrepareSecondaryResponse)(nil),  // 45: lockstep.v1.PrepareSecondaryResponse
-	(*TearDownSecondaryRequest)(nil),  // 46: lockstep.v1.TearDownSecondaryRequest
-	(*TearDownSecondaryResponse)(nil), // 47: lockstep.v1.TearDownSecondaryResponse
-	(*HandOverRequest)(nil),           // 48: lockstep.v1.HandOverRequest
-	(*HandOverResponse)(nil),          // 49: lockstep.v1.HandOverResponse
-	(*durationpb.Duration)(nil),       // 50: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),     // 51: google.protobuf.Timestamp
+	(DrillTarget)(0),                  // 0: lockstep.v1.DrillTarget
+	(RestartPolicy)(0),                // 1: lockstep.v1.RestartPolicy
+	(Accel)(0),                        // 2: lockstep.v1.Accel
+	(NicBackend)(0),                   // 3: lockstep.v1.NicBackend
+	(PairState)(0),                    // 4: lockstep.v1.PairState
+	(ColoMode)(0),                     // 5: lockstep.v1.ColoMode
+	(FailoverTrigger)(0),              // 6: lockstep.v1.FailoverTrigger
+	(StepPhase)(0),                    // 7: lockstep.v1.StepPhase
+	(FailoverMode)(0),                 // 8: lockstep.v1.FailoverMode
+	(Role)(0),                         // 9: lockstep.v1.Role
+	(HandOverReason)(0),               // 10: lockstep.v1.HandOverReason
+	(*StopPairRequest)(nil),           // 11: lockstep.v1.StopPairRequest
+	(*StopPairResponse)(nil),          // 12: lockstep.v1.StopPairResponse
+	(*StartPairRequest)(nil),          // 13: lockstep.v1.StartPairRequest
+	(*StartPairResponse)(nil),         // 14: lockstep.v1.StartPairResponse
+	(*DrillRequest)(nil),              // 15: lockstep.v1.DrillRequest
+	(*DrillResponse)(nil),             // 16: lockstep.v1.DrillResponse
+	(*ConsoleRequest)(nil),            // 17: lockstep.v1.ConsoleRequest
+	(*ConsoleResponse)(nil),           // 18: lockstep.v1.ConsoleResponse
+	(*Pair)(nil),                      // 19: lockstep.v1.Pair
+	(*PairSpec)(nil),                  // 20: lockstep.v1.PairSpec
+	(*Nic)(nil),                       // 21: lockstep.v1.Nic
+	(*Tunables)(nil),                  // 22: lockstep.v1.Tunables
+	(*Placement)(nil),                 // 23: lockstep.v1.Placement
+	(*PairStatus)(nil),                // 24: lockstep.v1.PairStatus
+	(*SideStatus)(nil),                // 25: lockstep.v1.SideStatus
+	(*CheckpointStats)(nil),           // 26: lockstep.v1.CheckpointStats
+	(*ResyncProgress)(nil),            // 27: lockstep.v1.ResyncProgress
+	(*PeerStatus)(nil),                // 28: lockstep.v1.PeerStatus
+	(*FailoverSummary)(nil),           // 29: lockstep.v1.FailoverSummary
+	(*StepProgress)(nil),              // 30: lockstep.v1.StepProgress
+	(*PairEvent)(nil),                 // 31: lockstep.v1.PairEvent
+	(*StateChange)(nil),               // 32: lockstep.v1.StateChange
+	(*CreatePairRequest)(nil),         // 33: lockstep.v1.CreatePairRequest
+	(*CreatePairResponse)(nil),        // 34: lockstep.v1.CreatePairResponse
+	(*GetPairRequest)(nil),            // 35: lockstep.v1.GetPairRequest
+	(*GetPairResponse)(nil),           // 36: lockstep.v1.GetPairResponse
+	(*ListPairsRequest)(nil),          // 37: lockstep.v1.ListPairsRequest
+	(*ListPairsResponse)(nil),         // 38: lockstep.v1.ListPairsResponse
+	(*DeletePairRequest)(nil),         // 39: lockstep.v1.DeletePairRequest
+	(*DeletePairResponse)(nil),        // 40: lockstep.v1.DeletePairResponse
+	(*WatchPairRequest)(nil),          // 41: lockstep.v1.WatchPairRequest
+	(*WatchPairResponse)(nil),         // 42: lockstep.v1.WatchPairResponse
+	(*FailoverRequest)(nil),           // 43: lockstep.v1.FailoverRequest
+	(*FailoverResponse)(nil),          // 44: lockstep.v1.FailoverResponse
+	(*ReprotectRequest)(nil),          // 45: lockstep.v1.ReprotectRequest
+	(*ReprotectResponse)(nil),         // 46: lockstep.v1.ReprotectResponse
+	(*SetParametersRequest)(nil),      // 47: lockstep.v1.SetParametersRequest
+	(*SetParametersResponse)(nil),     // 48: lockstep.v1.SetParametersResponse
+	(*PeerSideState)(nil),             // 49: lockstep.v1.PeerSideState
+	(*StaleEpoch)(nil),                // 50: lockstep.v1.StaleEpoch
+	(*HeartbeatRequest)(nil),          // 51: lockstep.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),         // 52: lockstep.v1.HeartbeatResponse
+	(*ProtectionPorts)(nil),           // 53: lockstep.v1.ProtectionPorts
+	(*PrepareSecondaryRequest)(nil),   // 54: lockstep.v1.PrepareSecondaryRequest
+	(*PrepareSecondaryResponse)(nil),  // 55: lockstep.v1.PrepareSecondaryResponse
+	(*TearDownSecondaryRequest)(nil),  // 56: lockstep.v1.TearDownSecondaryRequest
+	(*TearDownSecondaryResponse)(nil), // 57: lockstep.v1.TearDownSecondaryResponse
+	(*HandOverRequest)(nil),           // 58: lockstep.v1.HandOverRequest
+	(*HandOverResponse)(nil),          // 59: lockstep.v1.HandOverResponse
+	(*timestamppb.Timestamp)(nil),     // 60: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),       // 61: google.protobuf.Duration
 }
 var file_lockstep_v1_lockstep_proto_depIdxs = []int32{
-	10, // 0: lockstep.v1.Pair.spec:type_name -> lockstep.v1.PairSpec
-	14, // 1: lockstep.v1.Pair.status:type_name -> lockstep.v1.PairStatus
-	0,  // 2: lockstep.v1.PairSpec.accel:type_name -> lockstep.v1.Accel
-	11, // 3: lockstep.v1.PairSpec.nic:type_name -> lockstep.v1.Nic
-	12, // 4: lockstep.v1.PairSpec.tunables:type_name -> lockstep.v1.Tunables
-	13, // 5: lockstep.v1.PairSpec.primary:type_name -> lockstep.v1.Placement
-	13, // 6: lockstep.v1.PairSpec.secondary:type_name -> lockstep.v1.Placement
-	1,  // 7: lockstep.v1.Nic.backend:type_name -> lockstep.v1.NicBackend
-	50, // 8: lockstep.v1.Tunables.checkpoint_delay:type_name -> google.protobuf.Duration
-	50, // 9: lockstep.v1.Tunables.compare_timeout:type_name -> google.protobuf.Duration
-	50, // 10: lockstep.v1.Tunables.boot_settle:type_name -> google.protobuf.Duration
-	2,  // 11: lockstep.v1.PairStatus.state:type_name -> lockstep.v1.PairState
-	51, // 12: lockstep.v1.PairStatus.state_change_time:type_name -> google.protobuf.Timestamp
-	15, // 13: lockstep.v1.PairStatus.primary:type_name -> lockstep.v1.SideStatus
-	15, // 14: lockstep.v1.PairStatus.secondary:type_name -> lockstep.v1.SideStatus
-	16, // 15: lockstep.v1.PairStatus.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
-	17, // 16: lockstep.v1.PairStatus.resync:type_name -> lockstep.v1.ResyncProgress
-	19, // 17: lockstep.v1.PairStatus.last_failover:type_name -> lockstep.v1.FailoverSummary
-	18, // 18: lockstep.v1.PairStatus.peer:type_name -> lockstep.v1.PeerStatus
-	20, // 19: lockstep.v1.PairStatus.current_step:type_name -> lockstep.v1.StepProgress
-	12, // 20: lockstep.v1.PairStatus.tunables:type_name -> lockstep.v1.Tunables
-	3,  // 21: lockstep.v1.SideStatus.colo_mode:type_name -> lockstep.v1.ColoMode
-	50, // 22: lockstep.v1.CheckpointStats.pause_p50:type_name -> google.protobuf.Duration
-	50, // 23: lockstep.v1.CheckpointStats.pause_p99:type_name -> google.protobuf.Duration
-	50, // 24: lockstep.v1.CheckpointStats.pause_max:type_name -> google.protobuf.Duration
-	50, // 25: lockstep.v1.CheckpointStats.pause_mean:type_name -> google.protobuf.Duration
-	51, // 26: lockstep.v1.CheckpointStats.last_checkpoint_time:type_name -> google.protobuf.Timestamp
-	51, // 27: lockstep.v1.PeerStatus.last_heartbeat_time:type_name -> google.protobuf.Timestamp
-	51, // 28: lockstep.v1.FailoverSummary.start_time:type_name -> google.protobuf.Timestamp
-	4,  // 29: lockstep.v1.FailoverSummary.trigger:type_name -> lockstep.v1.FailoverTrigger
-	50, // 30: lockstep.v1.FailoverSummary.duration:type_name -> google.protobuf.Duration
-	5,  // 31: lockstep.v1.StepProgress.phase:type_name -> lockstep.v1.StepPhase
-	50, // 32: lockstep.v1.StepProgress.elapsed:type_name -> google.protobuf.Duration
-	51, // 33: lockstep.v1.PairEvent.time:type_name -> google.protobuf.Timestamp
-	14, // 34: lockstep.v1.PairEvent.status:type_name -> lockstep.v1.PairStatus
-	22, // 35: lockstep.v1.PairEvent.state_change:type_name -> lockstep.v1.StateChange
-	20, // 36: lockstep.v1.PairEvent.step:type_name -> lockstep.v1.StepProgress
-	16, // 37: lockstep.v1.PairEvent.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
-	17, // 38: lockstep.v1.PairEvent.resync:type_name -> lockstep.v1.ResyncProgress
-	19, // 39: lockstep.v1.PairEvent.failover:type_name -> lockstep.v1.FailoverSummary
-	2,  // 40: lockstep.v1.StateChange.from_state:type_name -> lockstep.v1.PairState
-	2,  // 41: lockstep.v1.StateChange.to_state:type_name -> lockstep.v1.PairState
-	10, // 42: lockstep.v1.CreatePairRequest.spec:type_name -> lockstep.v1.PairSpec
-	9,  // 43: lockstep.v1.CreatePairResponse.pair:type_name -> lockstep.v1.Pair
-	9,  // 44: lockstep.v1.GetPairResponse.pair:type_name -> lockstep.v1.Pair
-	9,  // 45: lockstep.v1.ListPairsResponse.pairs:type_name -> lockstep.v1.Pair
-	21, // 46: lockstep.v1.WatchPairResponse.event:type_name -> lockstep.v1.PairEvent
-	6,  // 47: lockstep.v1.FailoverRequest.mode:type_name -> lockstep.v1.FailoverMode
-	19, // 48: lockstep.v1.FailoverResponse.failover:type_name -> lockstep.v1.FailoverSummary
-	14, // 49: lockstep.v1.FailoverResponse.status:type_name -> lockstep.v1.PairStatus
-	14, // 50: lockstep.v1.ReprotectResponse.status:type_name -> lockstep.v1.PairStatus
-	50, // 51: lockstep.v1.SetParametersRequest.checkpoint_delay:type_name -> google.protobuf.Duration
-	50, // 52: lockstep.v1.SetParametersRequest.compare_timeout:type_name -> google.protobuf.Duration
-	12, // 53: lockstep.v1.SetParametersResponse.tunables:type_name -> lockstep.v1.Tunables
-	7,  // 54: lockstep.v1.PeerSideState.role:type_name -> lockstep.v1.Role
-	3,  // 55: lockstep.v1.PeerSideState.colo_mode:type_name -> lockstep.v1.ColoMode
-	39, // 56: lockstep.v1.HeartbeatRequest.sender:type_name -> lockstep.v1.PeerSideState
-	51, // 57: lockstep.v1.HeartbeatRequest.send_time:type_name -> google.protobuf.Timestamp
-	39, // 58: lockstep.v1.HeartbeatResponse.receiver:type_name -> lockstep.v1.PeerSideState
-	10, // 59: lockstep.v1.PrepareSecondaryRequest.spec:type_name -> lockstep.v1.PairSpec
-	43, // 60: lockstep.v1.PrepareSecondaryRequest.ports:type_name -> lockstep.v1.ProtectionPorts
-	43, // 61: lockstep.v1.PrepareSecondaryResponse.ports:type_name -> lockstep.v1.ProtectionPorts
-	8,  // 62: lockstep.v1.HandOverRequest.reason:type_name -> lockstep.v1.HandOverReason
-	50, // 63: lockstep.v1.HandOverResponse.duration:type_name -> google.protobuf.Duration
-	23, // 64: lockstep.v1.PairService.CreatePair:input_type -> lockstep.v1.CreatePairRequest
-	25, // 65: lockstep.v1.PairService.GetPair:input_type -> lockstep.v1.GetPairRequest
-	27, // 66: lockstep.v1.PairService.ListPairs:input_type -> lockstep.v1.ListPairsRequest
-	29, // 67: lockstep.v1.PairService.DeletePair:input_type -> lockstep.v1.DeletePairRequest
-	31, // 68: lockstep.v1.PairService.WatchPair:input_type -> lockstep.v1.WatchPairRequest
-	33, // 69: lockstep.v1.PairService.Failover:input_type -> lockstep.v1.FailoverRequest
-	35, // 70: lockstep.v1.PairService.Reprotect:input_type -> lockstep.v1.ReprotectRequest
-	37, // 71: lockstep.v1.PairService.SetParameters:input_type -> lockstep.v1.SetParametersRequest
-	41, // 72: lockstep.v1.PeerService.Heartbeat:input_type -> lockstep.v1.HeartbeatRequest
-	44, // 73: lockstep.v1.PeerService.PrepareSecondary:input_type -> lockstep.v1.PrepareSecondaryRequest
-	46, // 74: lockstep.v1.PeerService.TearDownSecondary:input_type -> lockstep.v1.TearDownSecondaryRequest
-	48, // 75: lockstep.v1.PeerService.HandOver:input_type -> lockstep.v1.HandOverRequest
-	24, // 76: lockstep.v1.PairService.CreatePair:output_type -> lockstep.v1.CreatePairResponse
-	26, // 77: lockstep.v1.PairService.GetPair:output_type -> lockstep.v1.GetPairResponse
-	28, // 78: lockstep.v1.PairService.ListPairs:output_type -> lockstep.v1.ListPairsResponse
-	30, // 79: lockstep.v1.PairService.DeletePair:output_type -> lockstep.v1.DeletePairResponse
-	32, // 80: lockstep.v1.PairService.WatchPair:output_type -> lockstep.v1.WatchPairResponse
-	34, // 81: lockstep.v1.PairService.Failover:output_type -> lockstep.v1.FailoverResponse
-	36, // 82: lockstep.v1.PairService.Reprotect:output_type -> lockstep.v1.ReprotectResponse
-	38, // 83: lockstep.v1.PairService.SetParameters:output_type -> lockstep.v1.SetParametersResponse
-	42, // 84: lockstep.v1.PeerService.Heartbeat:output_type -> lockstep.v1.HeartbeatResponse
-	45, // 85: lockstep.v1.PeerService.PrepareSecondary:output_type -> lockstep.v1.PrepareSecondaryResponse
-	47, // 86: lockstep.v1.PeerService.TearDownSecondary:output_type -> lockstep.v1.TearDownSecondaryResponse
-	49, // 87: lockstep.v1.PeerService.HandOver:output_type -> lockstep.v1.HandOverResponse
-	76, // [76:88] is the sub-list for method output_type
-	64, // [64:76] is the sub-list for method input_type
-	64, // [64:64] is the sub-list for extension type_name
-	64, // [64:64] is the sub-list for extension extendee
-	0,  // [0:64] is the sub-list for field type_name
+	24, // 0: lockstep.v1.StopPairResponse.status:type_name -> lockstep.v1.PairStatus
+	24, // 1: lockstep.v1.StartPairResponse.status:type_name -> lockstep.v1.PairStatus
+	0,  // 2: lockstep.v1.DrillRequest.target:type_name -> lockstep.v1.DrillTarget
+	60, // 3: lockstep.v1.DrillResponse.kill_time:type_name -> google.protobuf.Timestamp
+	20, // 4: lockstep.v1.Pair.spec:type_name -> lockstep.v1.PairSpec
+	24, // 5: lockstep.v1.Pair.status:type_name -> lockstep.v1.PairStatus
+	2,  // 6: lockstep.v1.PairSpec.accel:type_name -> lockstep.v1.Accel
+	21, // 7: lockstep.v1.PairSpec.nic:type_name -> lockstep.v1.Nic
+	22, // 8: lockstep.v1.PairSpec.tunables:type_name -> lockstep.v1.Tunables
+	23, // 9: lockstep.v1.PairSpec.primary:type_name -> lockstep.v1.Placement
+	23, // 10: lockstep.v1.PairSpec.secondary:type_name -> lockstep.v1.Placement
+	1,  // 11: lockstep.v1.PairSpec.restart_policy:type_name -> lockstep.v1.RestartPolicy
+	3,  // 12: lockstep.v1.Nic.backend:type_name -> lockstep.v1.NicBackend
+	61, // 13: lockstep.v1.Tunables.checkpoint_delay:type_name -> google.protobuf.Duration
+	61, // 14: lockstep.v1.Tunables.compare_timeout:type_name -> google.protobuf.Duration
+	61, // 15: lockstep.v1.Tunables.boot_settle:type_name -> google.protobuf.Duration
+	4,  // 16: lockstep.v1.PairStatus.state:type_name -> lockstep.v1.PairState
+	60, // 17: lockstep.v1.PairStatus.state_change_time:type_name -> google.protobuf.Timestamp
+	25, // 18: lockstep.v1.PairStatus.primary:type_name -> lockstep.v1.SideStatus
+	25, // 19: lockstep.v1.PairStatus.secondary:type_name -> lockstep.v1.SideStatus
+	26, // 20: lockstep.v1.PairStatus.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
+	27, // 21: lockstep.v1.PairStatus.resync:type_name -> lockstep.v1.ResyncProgress
+	29, // 22: lockstep.v1.PairStatus.last_failover:type_name -> lockstep.v1.FailoverSummary
+	28, // 23: lockstep.v1.PairStatus.peer:type_name -> lockstep.v1.PeerStatus
+	30, // 24: lockstep.v1.PairStatus.current_step:type_name -> lockstep.v1.StepProgress
+	22, // 25: lockstep.v1.PairStatus.tunables:type_name -> lockstep.v1.Tunables
+	5,  // 26: lockstep.v1.SideStatus.colo_mode:type_name -> lockstep.v1.ColoMode
+	61, // 27: lockstep.v1.CheckpointStats.pause_p50:type_name -> google.protobuf.Duration
+	61, // 28: lockstep.v1.CheckpointStats.pause_p99:type_name -> google.protobuf.Duration
+	61, // 29: lockstep.v1.CheckpointStats.pause_max:type_name -> google.protobuf.Duration
+	61, // 30: lockstep.v1.CheckpointStats.pause_mean:type_name -> google.protobuf.Duration
+	60, // 31: lockstep.v1.CheckpointStats.last_checkpoint_time:type_name -> google.protobuf.Timestamp
+	60, // 32: lockstep.v1.PeerStatus.last_heartbeat_time:type_name -> google.protobuf.Timestamp
+	60, // 33: lockstep.v1.FailoverSummary.start_time:type_name -> google.protobuf.Timestamp
+	6,  // 34: lockstep.v1.FailoverSummary.trigger:type_name -> lockstep.v1.FailoverTrigger
+	61, // 35: lockstep.v1.FailoverSummary.duration:type_name -> google.protobuf.Duration
+	7,  // 36: lockstep.v1.StepProgress.phase:type_name -> lockstep.v1.StepPhase
+	61, // 37: lockstep.v1.StepProgress.elapsed:type_name -> google.protobuf.Duration
+	60, // 38: lockstep.v1.PairEvent.time:type_name -> google.protobuf.Timestamp
+	24, // 39: lockstep.v1.PairEvent.status:type_name -> lockstep.v1.PairStatus
+	32, // 40: lockstep.v1.PairEvent.state_change:type_name -> lockstep.v1.StateChange
+	30, // 41: lockstep.v1.PairEvent.step:type_name -> lockstep.v1.StepProgress
+	26, // 42: lockstep.v1.PairEvent.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
+	27, // 43: lockstep.v1.PairEvent.resync:type_name -> lockstep.v1.ResyncProgress
+	29, // 44: lockstep.v1.PairEvent.failover:type_name -> lockstep.v1.FailoverSummary
+	4,  // 45: lockstep.v1.StateChange.from_state:type_name -> lockstep.v1.PairState
+	4,  // 46: lockstep.v1.StateChange.to_state:type_name -> lockstep.v1.PairState
+	20, // 47: lockstep.v1.CreatePairRequest.spec:type_name -> lockstep.v1.PairSpec
+	19, // 48: lockstep.v1.CreatePairResponse.pair:type_name -> lockstep.v1.Pair
+	19, // 49: lockstep.v1.GetPairResponse.pair:type_name -> lockstep.v1.Pair
+	19, // 50: lockstep.v1.ListPairsResponse.pairs:type_name -> lockstep.v1.Pair
+	31, // 51: lockstep.v1.WatchPairResponse.event:type_name -> lockstep.v1.PairEvent
+	8,  // 52: lockstep.v1.FailoverRequest.mode:type_name -> lockstep.v1.FailoverMode
+	29, // 53: lockstep.v1.FailoverResponse.failover:type_name -> lockstep.v1.FailoverSummary
+	24, // 54: lockstep.v1.FailoverResponse.status:type_name -> lockstep.v1.PairStatus
+	24, // 55: lockstep.v1.ReprotectResponse.status:type_name -> lockstep.v1.PairStatus
+	61, // 56: lockstep.v1.SetParametersRequest.checkpoint_delay:type_name -> google.protobuf.Duration
+	61, // 57: lockstep.v1.SetParametersRequest.compare_timeout:type_name -> google.protobuf.Duration
+	22, // 58: lockstep.v1.SetParametersResponse.tunables:type_name -> lockstep.v1.Tunables
+	9,  // 59: lockstep.v1.PeerSideState.role:type_name -> lockstep.v1.Role
+	5,  // 60: lockstep.v1.PeerSideState.colo_mode:type_name -> lockstep.v1.ColoMode
+	49, // 61: lockstep.v1.HeartbeatRequest.sender:type_name -> lockstep.v1.PeerSideState
+	60, // 62: lockstep.v1.HeartbeatRequest.send_time:type_name -> google.protobuf.Timestamp
+	49, // 63: lockstep.v1.HeartbeatResponse.receiver:type_name -> lockstep.v1.PeerSideState
+	20, // 64: lockstep.v1.PrepareSecondaryRequest.spec:type_name -> lockstep.v1.PairSpec
+	53, // 65: lockstep.v1.PrepareSecondaryRequest.ports:type_name -> lockstep.v1.ProtectionPorts
+	53, // 66: lockstep.v1.PrepareSecondaryResponse.ports:type_name -> lockstep.v1.ProtectionPorts
+	10, // 67: lockstep.v1.HandOverRequest.reason:type_name -> lockstep.v1.HandOverReason
+	61, // 68: lockstep.v1.HandOverResponse.duration:type_name -> google.protobuf.Duration
+	33, // 69: lockstep.v1.PairService.CreatePair:input_type -> lockstep.v1.CreatePairRequest
+	35, // 70: lockstep.v1.PairService.GetPair:input_type -> lockstep.v1.GetPairRequest
+	37, // 71: lockstep.v1.PairService.ListPairs:input_type -> lockstep.v1.ListPairsRequest
+	39, // 72: lockstep.v1.PairService.DeletePair:input_type -> lockstep.v1.DeletePairRequest
+	41, // 73: lockstep.v1.PairService.WatchPair:input_type -> lockstep.v1.WatchPairRequest
+	43, // 74: lockstep.v1.PairService.Failover:input_type -> lockstep.v1.FailoverRequest
+	45, // 75: lockstep.v1.PairService.Reprotect:input_type -> lockstep.v1.ReprotectRequest
+	47, // 76: lockstep.v1.PairService.SetParameters:input_type -> lockstep.v1.SetParametersRequest
+	11, // 77: lockstep.v1.PairService.StopPair:input_type -> lockstep.v1.StopPairRequest
+	13, // 78: lockstep.v1.PairService.StartPair:input_type -> lockstep.v1.StartPairRequest
+	15, // 79: lockstep.v1.PairService.Drill:input_type -> lockstep.v1.DrillRequest
+	17, // 80: lockstep.v1.PairService.Console:input_type -> lockstep.v1.ConsoleRequest
+	51, // 81: lockstep.v1.PeerService.Heartbeat:input_type -> lockstep.v1.HeartbeatRequest
+	54, // 82: lockstep.v1.PeerService.PrepareSecondary:input_type -> lockstep.v1.PrepareSecondaryRequest
+	56, // 83: lockstep.v1.PeerService.TearDownSecondary:input_type -> lockstep.v1.TearDownSecondaryRequest
+	58, // 84: lockstep.v1.PeerService.HandOver:input_type -> lockstep.v1.HandOverRequest
+	34, // 85: lockstep.v1.PairService.CreatePair:output_type -> lockstep.v1.CreatePairResponse
+	36, // 86: lockstep.v1.PairService.GetPair:output_type -> lockstep.v1.GetPairResponse
+	38, // 87: lockstep.v1.PairService.ListPairs:output_type -> lockstep.v1.ListPairsResponse
+	40, // 88: lockstep.v1.PairService.DeletePair:output_type -> lockstep.v1.DeletePairResponse
+	42, // 89: lockstep.v1.PairService.WatchPair:output_type -> lockstep.v1.WatchPairResponse
+	44, // 90: lockstep.v1.PairService.Failover:output_type -> lockstep.v1.FailoverResponse
+	46, // 91: lockstep.v1.PairService.Reprotect:output_type -> lockstep.v1.ReprotectResponse
+	48, // 92: lockstep.v1.PairService.SetParameters:output_type -> lockstep.v1.SetParametersResponse
+	12, // 93: lockstep.v1.PairService.StopPair:output_type -> lockstep.v1.StopPairResponse
+	14, // 94: lockstep.v1.PairService.StartPair:output_type -> lockstep.v1.StartPairResponse
+	16, // 95: lockstep.v1.PairService.Drill:output_type -> lockstep.v1.DrillResponse
+	18, // 96: lockstep.v1.PairService.Console:output_type -> lockstep.v1.ConsoleResponse
+	52, // 97: lockstep.v1.PeerService.Heartbeat:output_type -> lockstep.v1.HeartbeatResponse
+	55, // 98: lockstep.v1.PeerService.PrepareSecondary:output_type -> lockstep.v1.PrepareSecondaryResponse
+	57, // 99: lockstep.v1.PeerService.TearDownSecondary:output_type -> lockstep.v1.TearDownSecondaryResponse
+	59, // 100: lockstep.v1.PeerService.HandOver:output_type -> lockstep.v1.HandOverResponse
+	85, // [85:101] is the sub-list for method output_type
+	69, // [69:85] is the sub-list for method input_type
+	69, // [69:69] is the sub-list for extension type_name
+	69, // [69:69] is the sub-list for extension extendee
+	0,  // [0:69] is the sub-list for field type_name
 }
 
 func init() { file_lockstep_v1_lockstep_proto_init() }
@@ -4097,8 +4686,8 @@ func file_lockstep_v1_lockstep_proto_init() {
 	if File_lockstep_v1_lockstep_proto != nil {
 		return
 	}
-	file_lockstep_v1_lockstep_proto_msgTypes[1].OneofWrappers = []any{}
-	file_lockstep_v1_lockstep_proto_msgTypes[12].OneofWrappers = []any{
+	file_lockstep_v1_lockstep_proto_msgTypes[9].OneofWrappers = []any{}
+	file_lockstep_v1_lockstep_proto_msgTypes[20].OneofWrappers = []any{
 		(*PairEvent_Status)(nil),
 		(*PairEvent_StateChange)(nil),
 		(*PairEvent_Step)(nil),
@@ -4106,14 +4695,14 @@ func file_lockstep_v1_lockstep_proto_init() {
 		(*PairEvent_Resync)(nil),
 		(*PairEvent_Failover)(nil),
 	}
-	file_lockstep_v1_lockstep_proto_msgTypes[28].OneofWrappers = []any{}
+	file_lockstep_v1_lockstep_proto_msgTypes[36].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lockstep_v1_lockstep_proto_rawDesc), len(file_lockstep_v1_lockstep_proto_rawDesc)),
-			NumEnums:      9,
-			NumMessages:   41,
+			NumEnums:      11,
+			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -47,6 +47,10 @@ const (
 	PairService_Failover_FullMethodName      = "/lockstep.v1.PairService/Failover"
 	PairService_Reprotect_FullMethodName     = "/lockstep.v1.PairService/Reprotect"
 	PairService_SetParameters_FullMethodName = "/lockstep.v1.PairService/SetParameters"
+	PairService_StopPair_FullMethodName      = "/lockstep.v1.PairService/StopPair"
+	PairService_StartPair_FullMethodName     = "/lockstep.v1.PairService/StartPair"
+	PairService_Drill_FullMethodName         = "/lockstep.v1.PairService/Drill"
+	PairService_Console_FullMethodName       = "/lockstep.v1.PairService/Console"
 )
 
 // PairServiceClient is the client API for PairService service.
@@ -93,6 +97,25 @@ type PairServiceClient interface {
 	// apply to the running QEMUs at once and are stored with the pair's spec. Errors: NOT_FOUND;
 	// INVALID_ARGUMENT for a value out of range (the field named).
 	SetParameters(ctx context.Context, in *SetParametersRequest, opts ...grpc.CallOption) (*SetParametersResponse, error)
+	// StopPair stops both QEMUs of a pair and keeps the pair and its disks (state STOPPED); the
+	// pair stays stopped, through agent restarts, until StartPair. Errors: NOT_FOUND;
+	// FAILED_PRECONDITION when it is stopped already.
+	StopPair(ctx context.Context, in *StopPairRequest, opts ...grpc.CallOption) (*StopPairResponse, error)
+	// StartPair boots a STOPPED or FAILED pair's VM again, from the disk of the side that ran the
+	// primary last (a cold start: the guest boots), then protects it. It returns once the pair
+	// is starting. Errors: NOT_FOUND; FAILED_PRECONDITION when the pair runs.
+	StartPair(ctx context.Context, in *StartPairRequest, opts ...grpc.CallOption) (*StartPairResponse, error)
+	// Drill kills, for real (SIGKILL), the QEMU of the protected pair's primary or secondary, as
+	// a fault-tolerance drill: the pair then fails over (or loses its secondary) and re-protects
+	// by itself. Asked of the agent of the host that runs that side. It returns which QEMU it
+	// killed and when; follow the pair with WatchPair. Errors: NOT_FOUND; FAILED_PRECONDITION
+	// unless the pair is PROTECTED (or when another host runs that side: the error names it).
+	Drill(ctx context.Context, in *DrillRequest, opts ...grpc.CallOption) (*DrillResponse, error)
+	// Console attaches to the serial console of the pair's primary, asked of the agent of the
+	// host that runs it: the first request names the pair, every request's input goes to the
+	// guest's serial port, and the responses carry what the guest writes. Errors: NOT_FOUND;
+	// FAILED_PRECONDITION when no primary runs here.
+	Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse], error)
 }
 
 type pairServiceClient struct {
@@ -192,6 +215,49 @@ func (c *pairServiceClient) SetParameters(ctx context.Context, in *SetParameters
 	return out, nil
 }
 
+func (c *pairServiceClient) StopPair(ctx context.Context, in *StopPairRequest, opts ...grpc.CallOption) (*StopPairResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StopPairResponse)
+	err := c.cc.Invoke(ctx, PairService_StopPair_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *pairServiceClient) StartPair(ctx context.Context, in *StartPairRequest, opts ...grpc.CallOption) (*StartPairResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartPairResponse)
+	err := c.cc.Invoke(ctx, PairService_StartPair_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *pairServiceClient) Drill(ctx context.Context, in *DrillRequest, opts ...grpc.CallOption) (*DrillResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrillResponse)
+	err := c.cc.Invoke(ctx, PairService_Drill_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *pairServiceClient) Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PairService_ServiceDesc.Streams[1], PairService_Console_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ConsoleRequest, ConsoleResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PairService_ConsoleClient = grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse]
+
 // PairServiceServer is the server API for PairService service.
 // All implementations must embed UnimplementedPairServiceServer
 // for forward compatibility.
@@ -236,6 +302,25 @@ type PairServiceServer interface {
 	// apply to the running QEMUs at once and are stored with the pair's spec. Errors: NOT_FOUND;
 	// INVALID_ARGUMENT for a value out of range (the field named).
 	SetParameters(context.Context, *SetParametersRequest) (*SetParametersResponse, error)
+	// StopPair stops both QEMUs of a pair and keeps the pair and its disks (state STOPPED); the
+	// pair stays stopped, through agent restarts, until StartPair. Errors: NOT_FOUND;
+	// FAILED_PRECONDITION when it is stopped already.
+	StopPair(context.Context, *StopPairRequest) (*StopPairResponse, error)
+	// StartPair boots a STOPPED or FAILED pair's VM again, from the disk of the side that ran the
+	// primary last (a cold start: the guest boots), then protects it. It returns once the pair
+	// is starting. Errors: NOT_FOUND; FAILED_PRECONDITION when the pair runs.
+	StartPair(context.Context, *StartPairRequest) (*StartPairResponse, error)
+	// Drill kills, for real (SIGKILL), the QEMU of the protected pair's primary or secondary, as
+	// a fault-tolerance drill: the pair then fails over (or loses its secondary) and re-protects
+	// by itself. Asked of the agent of the host that runs that side. It returns which QEMU it
+	// killed and when; follow the pair with WatchPair. Errors: NOT_FOUND; FAILED_PRECONDITION
+	// unless the pair is PROTECTED (or when another host runs that side: the error names it).
+	Drill(context.Context, *DrillRequest) (*DrillResponse, error)
+	// Console attaches to the serial console of the pair's primary, asked of the agent of the
+	// host that runs it: the first request names the pair, every request's input goes to the
+	// guest's serial port, and the responses carry what the guest writes. Errors: NOT_FOUND;
+	// FAILED_PRECONDITION when no primary runs here.
+	Console(grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]) error
 	mustEmbedUnimplementedPairServiceServer()
 }
 
@@ -269,6 +354,18 @@ func (UnimplementedPairServiceServer) Reprotect(context.Context, *ReprotectReque
 }
 func (UnimplementedPairServiceServer) SetParameters(context.Context, *SetParametersRequest) (*SetParametersResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SetParameters not implemented")
+}
+func (UnimplementedPairServiceServer) StopPair(context.Context, *StopPairRequest) (*StopPairResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StopPair not implemented")
+}
+func (UnimplementedPairServiceServer) StartPair(context.Context, *StartPairRequest) (*StartPairResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartPair not implemented")
+}
+func (UnimplementedPairServiceServer) Drill(context.Context, *DrillRequest) (*DrillResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Drill not implemented")
+}
+func (UnimplementedPairServiceServer) Console(grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]) error {
+	return status.Error(codes.Unimplemented, "method Console not implemented")
 }
 func (UnimplementedPairServiceServer) mustEmbedUnimplementedPairServiceServer() {}
 func (UnimplementedPairServiceServer) testEmbeddedByValue()                     {}
@@ -428,6 +525,67 @@ func _PairService_SetParameters_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PairService_StopPair_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StopPairRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PairServiceServer).StopPair(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PairService_StopPair_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PairServiceServer).StopPair(ctx, req.(*StopPairRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PairService_StartPair_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartPairRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PairServiceServer).StartPair(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PairService_StartPair_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PairServiceServer).StartPair(ctx, req.(*StartPairRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PairService_Drill_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrillRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PairServiceServer).Drill(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PairService_Drill_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PairServiceServer).Drill(ctx, req.(*DrillRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _PairService_Console_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PairServiceServer).Console(&grpc.GenericServerStream[ConsoleRequest, ConsoleResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PairService_ConsoleServer = grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]
+
 // PairService_ServiceDesc is the grpc.ServiceDesc for PairService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -463,12 +621,30 @@ var PairService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "SetParameters",
 			Handler:    _PairService_SetParameters_Handler,
 		},
+		{
+			MethodName: "StopPair",
+			Handler:    _PairService_StopPair_Handler,
+		},
+		{
+			MethodName: "StartPair",
+			Handler:    _PairService_StartPair_Handler,
+		},
+		{
+			MethodName: "Drill",
+			Handler:    _PairService_Drill_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "WatchPair",
 			Handler:       _PairService_WatchPair_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "Console",
+			Handler:       _PairService_Console_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "lockstep/v1/lockstep.proto",

@@ -162,6 +162,12 @@ type Agent struct {
 
 	mu    sync.Mutex
 	pairs map[string]*pairRun
+	// deleted names the pairs this agent deleted whose deletion the store's watch has not
+	// reported yet: an older event of theirs still on its way must not start them again.
+	deleted map[string]bool
+	// dropping has, for each pair being dropped, a channel closed once its runners are gone
+	// and its folder removed.
+	dropping map[string]chan struct{}
 }
 
 // pairRun is a pair as this agent runs it: the runners of its local sides and its view.
@@ -186,7 +192,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	a := &Agent{cfg: cfg, log: cfg.Log, ctx: ctx, cancel: cancel, pairs: map[string]*pairRun{},
+	a := &Agent{cfg: cfg, log: cfg.Log, ctx: ctx, cancel: cancel, pairs: map[string]*pairRun{}, deleted: map[string]bool{}, dropping: map[string]chan struct{}{},
 		links: newGRPCLinks(cfg.Host, cfg.Store, cfg.PeerCreds)}
 	if cfg.Legacy != nil {
 		if err := a.migrateLegacy(); err != nil {
@@ -202,7 +208,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	for name, b := range all {
 		if pc, err := decodePair(name, b); err == nil {
-			a.ensure(pc)
+			a.ensure(pc, false)
 		} else {
 			a.log.Error("unreadable pair in the store, left alone", "pair", name, "err", err)
 		}
@@ -265,6 +271,9 @@ func (a *Agent) follow(ctx context.Context) {
 	}
 	for ev := range a.cfg.Store.WatchPairs(ctx) {
 		if ev.Deleted {
+			a.mu.Lock()
+			delete(a.deleted, ev.Name)
+			a.mu.Unlock()
 			a.drop(ev.Name)
 			continue
 		}
@@ -273,7 +282,7 @@ func (a *Agent) follow(ctx context.Context) {
 			a.log.Error("unreadable pair in the store", "pair", ev.Name, "err", err)
 			continue
 		}
-		a.ensure(pc)
+		a.ensure(pc, true)
 	}
 }
 
@@ -282,8 +291,10 @@ func (a *Agent) localSides(pc PairConfig) [2]bool {
 	return [2]bool{pc.Sides[0].Agent == a.cfg.Host, pc.Sides[1].Agent == a.cfg.Host}
 }
 
-// ensure runs the local sides of pc, or brings their runners the new config.
-func (a *Agent) ensure(pc PairConfig) {
+// ensure runs the local sides of pc, or brings their runners the new config. From the
+// store's watch (watched), a pair this agent deleted is left alone: the event predates the
+// deletion.
+func (a *Agent) ensure(pc PairConfig, watched bool) {
 	local := a.localSides(pc)
 	if !local[0] && !local[1] {
 		return
@@ -291,6 +302,19 @@ func (a *Agent) ensure(pc PairConfig) {
 	pc.Spec = pc.Spec.WithDefaults()
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	for {
+		// A pair of the same name still being dropped goes first: its folder is removed.
+		ch := a.dropping[pc.Spec.Name]
+		if ch == nil {
+			break
+		}
+		a.mu.Unlock()
+		<-ch
+		a.mu.Lock()
+	}
+	if watched && a.deleted[pc.Spec.Name] {
+		return
+	}
 	if pr, ok := a.pairs[pc.Spec.Name]; ok {
 		for _, r := range pr.runners {
 			if r != nil {
@@ -363,14 +387,30 @@ func (a *Agent) ensure(pc PairConfig) {
 }
 
 // drop stops the local sides of a deleted pair, their QEMUs included, and removes its folder.
+//
+// Dropped twice at once (the API's delete and the store's watch), the second waits for the
+// first.
 func (a *Agent) drop(name string) {
 	a.mu.Lock()
 	pr, ok := a.pairs[name]
-	delete(a.pairs, name)
-	a.mu.Unlock()
 	if !ok {
+		ch := a.dropping[name]
+		a.mu.Unlock()
+		if ch != nil {
+			<-ch
+		}
 		return
 	}
+	delete(a.pairs, name)
+	dropped := make(chan struct{})
+	a.dropping[name] = dropped
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.dropping, name)
+		a.mu.Unlock()
+		close(dropped)
+	}()
 	ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
 	defer cancel()
 	for _, r := range pr.runners {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -140,7 +141,8 @@ func TestAgentKeepsPairsInTheStore(t *testing.T) {
 			t.Fatalf("delete %s: %v", n, err)
 		}
 		if _, err := os.Stat(filepath.Join(state, n)); !errors.Is(err, os.ErrNotExist) {
-			t.Fatalf("deleted pair %s left its folder: %v", n, err)
+			ents, _ := exec.Command("find", filepath.Join(state, n)).CombinedOutput()
+			t.Fatalf("deleted pair %s left its folder: %v %s", n, err, ents)
 		}
 	}
 	if got := storedPairs(t, store); len(got) != 0 {

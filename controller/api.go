@@ -77,7 +77,10 @@ func (a *Agent) Create(pc PairConfig) (Status, error) {
 		}
 		return Status{}, fmt.Errorf("coordination store: %w", err)
 	}
-	a.ensure(pc)
+	a.mu.Lock()
+	delete(a.deleted, pc.Spec.Name)
+	a.mu.Unlock()
+	a.ensure(pc, false)
 	return a.Get(pc.Spec.Name)
 }
 
@@ -250,12 +253,23 @@ func (a *Agent) List() []Status {
 func (a *Agent) Delete(name string) error {
 	ctx, cancel := context.WithTimeout(a.ctx, storeTimeout)
 	defer cancel()
+	// From now on, the watch's older events of the pair start nothing.
+	a.mu.Lock()
+	was := a.deleted[name]
+	a.deleted[name] = true
+	a.mu.Unlock()
 	if err := a.cfg.Store.DeletePair(ctx, name); err != nil {
 		if errors.Is(err, coord.ErrNotFound) {
 			if _, ok := a.pair(name); !ok {
+				a.mu.Lock()
+				a.deleted[name] = was
+				a.mu.Unlock()
 				return fmt.Errorf("pair %q: %w", name, ErrNotFound)
 			}
 		} else {
+			a.mu.Lock()
+			a.deleted[name] = was
+			a.mu.Unlock()
 			return fmt.Errorf("coordination store: %w", err)
 		}
 	}

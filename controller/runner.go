@@ -47,7 +47,7 @@ type runner struct {
 	calls chan call     // API and peer requests, answered by the run goroutine
 	specs chan struct{} // a new config is in pcp's successor slot
 	next  atomic.Pointer[PairConfig]
-	stopc chan chan struct{}
+	stopc chan struct{}
 	quit  chan struct{} // closed when the loop starts to stop: nothing is posted any more
 	done  chan struct{}
 
@@ -155,7 +155,7 @@ func newRunner(a *Agent, pc PairConfig, side Side, view *pairView, link PeerLink
 			timeout: a.cfg.HeartbeatTimeout, probe: min(a.cfg.HeartbeatTimeout, a.cfg.LeaseTTL/4)},
 		io: newIOQueue(), metrics: newPairMetrics(),
 		inbox: make(chan any, 64), calls: make(chan call), specs: make(chan struct{}, 1),
-		stopc: make(chan chan struct{}), quit: make(chan struct{}), done: make(chan struct{}), fenceWake: make(chan struct{}, 1),
+		stopc: make(chan struct{}), quit: make(chan struct{}), done: make(chan struct{}), fenceWake: make(chan struct{}, 1),
 	}
 	r.pcp.Store(&pc)
 	return r
@@ -197,14 +197,14 @@ func (r *runner) request(ctx context.Context, ev Event) error {
 	return err
 }
 
-// stop ends the runner; its QEMU runs on (a successor adopts it).
+// stop ends the runner, once its goroutines have ended too; its QEMU runs on (a successor
+// adopts it).
 func (r *runner) stop() {
-	done := make(chan struct{})
 	select {
-	case r.stopc <- done:
-		<-done
+	case r.stopc <- struct{}{}:
 	case <-r.done:
 	}
+	<-r.done
 }
 
 // post hands a message to the run goroutine; it gives up when ctx ends (the runner stops).
@@ -323,8 +323,7 @@ func (r *runner) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case done := <-r.stopc:
-			defer close(done)
+		case <-r.stopc:
 			return
 		case now := <-tick.C:
 			// Ticks the loop missed (it was busy, or the process was stopped) advance logical

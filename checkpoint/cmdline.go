@@ -37,6 +37,15 @@ const (
 // QMPSocket returns the path of the QMP socket of the QEMU whose runtime folder is dir.
 func QMPSocket(dir string) string { return filepath.Join(dir, "qmp.sock") }
 
+// ConsoleSocket returns the path of the serial console's socket of the QEMU whose runtime
+// folder is dir: one client at a time reads what the guest writes and types to it. Everything
+// the guest writes is also in ConsoleLog, connected or not.
+func ConsoleSocket(dir string) string { return filepath.Join(dir, "console.sock") }
+
+// ConsoleLog returns the path of the serial console's log of the QEMU whose runtime folder
+// is dir.
+func ConsoleLog(dir string) string { return filepath.Join(dir, "console.log") }
+
 func accelArg(a string) string {
 	switch a {
 	case "auto":
@@ -60,7 +69,9 @@ func commonArgs(s Spec, role Role, side Side) []string {
 		"-smp", strconv.Itoa(s.VCPUs),
 		"-nodefaults", "-display", "none",
 		"-qmp", "unix:" + QMPSocket(side.RunDir) + ",server=on,wait=off",
-		"-serial", "file:" + filepath.Join(side.RunDir, "console.log"),
+		"-chardev", fmt.Sprintf("socket,id=serial0,path=%s,server=on,wait=off,logfile=%s,logappend=on",
+			escapeOpt(ConsoleSocket(side.RunDir)), escapeOpt(ConsoleLog(side.RunDir))),
+		"-serial", "chardev:serial0",
 		"-pidfile", filepath.Join(side.RunDir, "qemu.pid"),
 	}
 	if s.Kernel != "" {

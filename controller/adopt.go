@@ -31,6 +31,12 @@ type sideState struct {
 	// Link are the addresses of the migration connection, to find it again among QEMU's
 	// file descriptors.
 	Link *checkpoint.LinkAddrs `json:"link,omitempty"`
+	// Starts is the last of the operator's starts (PairConfig.Starts) the side took: a start
+	// made while no agent ran here is taken by the next one.
+	Starts uint64 `json:"starts,omitempty"`
+	// Starting: the side was carrying out an operator's start (Policy.OperatorStarting); a
+	// successor that finds no QEMU carries it out.
+	Starting bool `json:"starting,omitempty"`
 }
 
 const sideStateFile = "side.json"
@@ -63,7 +69,7 @@ func (r *runner) readSaved() sideState {
 // current is what the runner would save now.
 func (r *runner) current() sideState {
 	p := r.pol
-	s := sideState{Role: RoleIdle, Gen: p.Generation(), Epoch: p.Epoch(), Generation: r.gen, WasSecond: r.wasSecond}
+	s := sideState{Role: RoleIdle, Gen: p.Generation(), Epoch: p.Epoch(), Generation: r.gen, WasSecond: r.wasSecond, Starts: r.starts, Starting: p.OperatorStarting()}
 	if r.vm != nil {
 		switch {
 		case runsVM(p.Role()):
@@ -115,6 +121,7 @@ func (r *runner) start(ctx context.Context) {
 		r.log.Error("cannot create the side's folder", "err", err)
 	}
 	r.saved = r.readSaved()
+	r.starts = r.saved.Starts
 	pc := r.config()
 	cfg := r.policyConfig()
 	actx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -128,6 +135,10 @@ func (r *runner) start(ctx context.Context) {
 		if pol, acts, ok := r.adopt(actx, vm, cfg); ok {
 			r.pol = pol
 			r.exec(ctx, acts)
+			if pc.Stopped {
+				// Stopped while no agent ran here: it stops now.
+				r.step(ctx, Stop{Why: stoppedWhy})
+			}
 			return
 		}
 	} else if !errors.Is(err, checkpoint.ErrNotRunning) {
@@ -138,7 +149,14 @@ func (r *runner) start(ctx context.Context) {
 		panic(perr) // the agent validated the timings
 	}
 	r.pol = pol
-	if !pc.Stopped {
+	if pc.Stopped {
+		r.step(ctx, Stop{Why: stoppedWhy})
+	} else if pc.Starts != r.starts || r.saved.Starting {
+		// The operator started the pair while no agent ran here, or the agent before did not
+		// finish the start.
+		r.starts = pc.Starts
+		r.step(ctx, Start{Operator: true})
+	} else {
 		// The policy decides from the primary record whether this side boots the VM: the
 		// preferred side a pair that never ran, the side that ran it last (restart policy
 		// always) one whose copies are all gone.

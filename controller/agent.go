@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/credentials"
@@ -32,6 +33,8 @@ type SideConfig struct {
 	// Disk is this side's disk image. Side A's is the VM's disk; side B's is its replica, created
 	// (sparse, of the spec's size) when missing.
 	Disk string `json:"disk"`
+	// DiskFormat is the format of Disk: "raw" (when empty) or "qcow2".
+	DiskFormat string `json:"disk_format,omitempty"`
 	// NetSocket is the side's port on the test hub (NIC backend socket).
 	NetSocket string `json:"net_socket,omitempty"`
 	// Agent names the host whose agent runs this side. Create fills in the creating agent's
@@ -53,6 +56,13 @@ type PairConfig struct {
 	// Stopped: the operator stopped the pair (its QEMUs are gone, its disks kept); nothing
 	// boots it until the operator starts it.
 	Stopped bool `json:"stopped,omitempty"`
+	// Starts counts the operator's starts: each one asks every side to start the pair again
+	// (a failed pair too, which is not stopped).
+	Starts uint64 `json:"starts,omitempty"`
+	// Version counts the changes of the pair's config after its create (Agent.modify): a
+	// runner takes no older config than the one it has, however late the store's watch
+	// brings it.
+	Version uint64 `json:"version,omitempty"`
 }
 
 // The restart policies of a pair.
@@ -176,6 +186,7 @@ type pairRun struct {
 	view    *pairView
 	runners [2]*runner // nil for a side of another host
 	done    chan struct{}
+	console atomic.Bool // a console is attached
 }
 
 // NewAgent starts the agent: it moves pairs of the earlier layout into the store, registers

@@ -19,51 +19,12 @@ import (
 // store, of the others.
 
 // Create validates the pair, stores it and starts its local sides; the agent of the other
-// host, if any, starts its side from the store. A bad config changes nothing.
+// host, if any, starts its side from the store. A bad config, or one that collides with
+// another pair's resources, changes nothing.
 func (a *Agent) Create(pc PairConfig) (Status, error) {
-	pc.Spec = pc.Spec.WithDefaults()
-	var verErr error
-	if pc.Spec.QEMUVersion.Major == 0 && len(pc.Spec.QEMU) > 0 {
-		// The command-line forms depend on the QEMU at hand; both sides must run the same.
-		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
-		v, err := checkpoint.DetectVersion(ctx, pc.Spec.QEMU)
-		cancel()
-		if err != nil {
-			verErr = &checkpoint.FieldError{Field: "qemu_command", Reason: err.Error()}
-			v = checkpoint.Version{Major: 11, Minor: 1} // lets Validate report the other fields
-		}
-		pc.Spec.QEMUVersion = v
-	}
-	if err := errors.Join(pc.Spec.Validate(), verErr); err != nil {
+	pc, err := a.check(pc)
+	if err != nil {
 		return Status{}, err
-	}
-	for i := range pc.Sides {
-		sd := &pc.Sides[i]
-		if sd.Agent == "" {
-			sd.Agent = a.cfg.Host
-		}
-		if net.ParseIP(sd.Host) == nil {
-			return Status{}, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].address", i), Reason: fmt.Sprintf("%q is not an IP address", sd.Host)}
-		}
-		if sd.Disk == "" || !filepath.IsAbs(sd.Disk) {
-			return Status{}, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].disk", i), Reason: fmt.Sprintf("%q: want an absolute path", sd.Disk)}
-		}
-		if b := sd.Backend; b != "" {
-			if _, ok := a.cfg.Backends[b]; !ok && sd.Agent == a.cfg.Host {
-				return Status{}, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].backend", i), Reason: fmt.Sprintf("%q: this agent has no such VM backend", b)}
-			}
-		}
-	}
-	local := a.localSides(pc)
-	if pc.Sides[0].Agent != pc.Sides[1].Agent && a.cfg.PeerAddr == "" && (local[0] || local[1]) {
-		return Status{}, &checkpoint.FieldError{Field: "sides", Reason: fmt.Sprintf("the sides run on %s and %s, but this agent serves no peer link (lockstepd --peer-listen)", pc.Sides[0].Agent, pc.Sides[1].Agent)}
-	}
-	if local[0] {
-		if st, err := os.Stat(pc.Sides[0].Disk); err != nil {
-			return Status{}, &checkpoint.FieldError{Field: "sides[0].disk", Reason: err.Error()}
-		} else if st.Size() != pc.Spec.DiskSize {
-			return Status{}, &checkpoint.FieldError{Field: "sides[0].disk", Reason: fmt.Sprintf("%d bytes, the spec says %d", st.Size(), pc.Spec.DiskSize)}
-		}
 	}
 	b, err := json.Marshal(pc)
 	if err != nil {
@@ -82,6 +43,80 @@ func (a *Agent) Create(pc PairConfig) (Status, error) {
 	a.mu.Unlock()
 	a.ensure(pc, false)
 	return a.Get(pc.Spec.Name)
+}
+
+// DryRunCreate checks pc as Create would, conflicts with the other pairs included, and returns
+// it as Create would store it (defaults filled in); it changes nothing.
+func (a *Agent) DryRunCreate(pc PairConfig) (PairConfig, error) {
+	return a.check(pc)
+}
+
+// check validates pc and fills in its defaults: the spec, the placements, this host's disk,
+// and the resources other pairs in the store use.
+func (a *Agent) check(pc PairConfig) (PairConfig, error) {
+	pc.Spec = pc.Spec.WithDefaults()
+	var verErr error
+	if pc.Spec.QEMUVersion.Major == 0 && len(pc.Spec.QEMU) > 0 {
+		// The command-line forms depend on the QEMU at hand; both sides must run the same.
+		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+		v, err := checkpoint.DetectVersion(ctx, pc.Spec.QEMU)
+		cancel()
+		if err != nil {
+			verErr = &checkpoint.FieldError{Field: "qemu_command", Reason: err.Error()}
+			v = checkpoint.Version{Major: 11, Minor: 1} // lets Validate report the other fields
+		}
+		pc.Spec.QEMUVersion = v
+	}
+	if err := errors.Join(pc.Spec.Validate(), verErr); err != nil {
+		return pc, err
+	}
+	for i := range pc.Sides {
+		sd := &pc.Sides[i]
+		if sd.Agent == "" {
+			sd.Agent = a.cfg.Host
+		}
+		if net.ParseIP(sd.Host) == nil {
+			return pc, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].address", i), Reason: fmt.Sprintf("%q is not an IP address", sd.Host)}
+		}
+		if sd.Disk == "" || !filepath.IsAbs(sd.Disk) {
+			return pc, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].disk", i), Reason: fmt.Sprintf("%q: want an absolute path", sd.Disk)}
+		}
+		if b := sd.Backend; b != "" {
+			if _, ok := a.cfg.Backends[b]; !ok && sd.Agent == a.cfg.Host {
+				return pc, &checkpoint.FieldError{Field: fmt.Sprintf("sides[%d].backend", i), Reason: fmt.Sprintf("%q: this agent has no such VM backend", b)}
+			}
+		}
+	}
+	local := a.localSides(pc)
+	if pc.Sides[0].Agent != pc.Sides[1].Agent && a.cfg.PeerAddr == "" && (local[0] || local[1]) {
+		return pc, &checkpoint.FieldError{Field: "sides", Reason: fmt.Sprintf("the sides run on %s and %s, but this agent serves no peer link (lockstepd --peer-listen)", pc.Sides[0].Agent, pc.Sides[1].Agent)}
+	}
+	if local[0] {
+		if st, err := os.Stat(pc.Sides[0].Disk); err != nil {
+			return pc, &checkpoint.FieldError{Field: "sides[0].disk", Reason: err.Error()}
+		} else if pc.Sides[0].DiskFormat == "" && st.Size() != pc.Spec.DiskSize {
+			return pc, &checkpoint.FieldError{Field: "sides[0].disk", Reason: fmt.Sprintf("%d bytes, the spec says %d", st.Size(), pc.Spec.DiskSize)}
+		}
+	}
+	ctx, cancel := context.WithTimeout(a.ctx, storeTimeout)
+	defer cancel()
+	all, err := a.cfg.Store.ListPairs(ctx)
+	if err != nil {
+		return pc, fmt.Errorf("coordination store: %w", err)
+	}
+	if _, ok := all[pc.Spec.Name]; ok {
+		return pc, fmt.Errorf("%q: %w", pc.Spec.Name, ErrExists)
+	}
+	others := make(map[string]PairConfig, len(all))
+	for n, b := range all {
+		if o, err := decodePair(n, b); err == nil {
+			others[n] = o
+		}
+	}
+	if err := errors.Join(conflicts(pc, others)...); err != nil {
+		return pc, err
+	}
+	return pc, nil
 }
 
 // recordFolderPairs records in the store the pairs an agent of the earlier layout kept only in
@@ -358,15 +393,11 @@ func (a *Agent) SetParameters(ctx context.Context, name string, t checkpoint.Tun
 	if err := applyTunables(ctx, rep.vm, spec); err != nil {
 		return fmt.Errorf("set parameters: %w", err)
 	}
-	pc := rep.pc
-	pc.Spec = spec
-	b, err := json.Marshal(pc)
+	pc, err := a.modify(ctx, name, func(pc *PairConfig) error {
+		pc.Spec.Tunables = spec.Tunables
+		return nil
+	})
 	if err != nil {
-		return err
-	}
-	sctx, cancel := context.WithTimeout(ctx, storeTimeout)
-	defer cancel()
-	if err := a.cfg.Store.UpdatePair(sctx, name, b); err != nil {
 		// QEMU runs with the new values; the store (and so the peer and the next protection)
 		// does not have them.
 		return fmt.Errorf("set parameters: applied to QEMU, but the store did not take them: %w", err)

@@ -83,8 +83,8 @@ type (
 	// otherwise (an agent starting with no QEMU to adopt) only a restart policy of always lets
 	// a pair that ran before boot again.
 	Start struct{ Operator bool }
-	// Stop asks to stop this side (the pair is stopped or deleted).
-	Stop struct{}
+	// Stop asks to stop this side (the pair is stopped or deleted); Why is the status' reason.
+	Stop struct{ Why string }
 	// FailoverRequest is an operator's request of the primary: a planned switchover (its held
 	// output flushed first) or a forced failover (its QEMU killed at once).
 	FailoverRequest struct {

@@ -1,12 +1,15 @@
 package controller
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	osexec "os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -298,7 +301,27 @@ func freeTCPPorts(host string, n int) ([]int, error) {
 	return out, nil
 }
 
-func ensureDisk(path string, size int64) error {
+// ensureDisk creates the secondary's replica when it is missing: a sparse raw file of the
+// spec's size, or a qcow2 image (qemu-img); a raw one of another size is resized.
+func ensureDisk(ctx context.Context, spec checkpoint.Spec, side checkpoint.Side) error {
+	path, size := side.Disk, spec.DiskSize
+	if side.DiskFormat == "qcow2" {
+		if _, err := os.Stat(path); err == nil {
+			return nil
+		}
+		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+			return err
+		}
+		img := spec.QEMUImg
+		if len(img) == 0 {
+			img = []string{"qemu-img"}
+		}
+		args := append(append([]string{}, img[1:]...), "create", "-q", "-f", "qcow2", path, strconv.FormatInt(size, 10))
+		if out, err := osexec.CommandContext(ctx, img[0], args...).CombinedOutput(); err != nil {
+			return fmt.Errorf("creating the qcow2 replica %s: %v: %s", path, err, bytes.TrimSpace(out))
+		}
+		return nil
+	}
 	if st, err := os.Stat(path); err == nil && st.Size() == size {
 		return nil
 	}
@@ -344,7 +367,7 @@ func (r *runner) prepare(ctx context.Context, gen int, pp *pendingPrepare) any {
 	g := checkpoint.Generation{N: gen, PrimaryHost: req.PrimaryAddress, SecondaryHost: ss.Host,
 		Ports: checkpoint.Ports{NBD: ports[0], Mirror: req.MirrorPort, Compare: req.ComparePort,
 			CompareIn: ports[1], CompareOut: ports[2]}} // CompareIn/Out are the primary's own; unused here
-	if err := ensureDisk(ss.Disk, spec.DiskSize); err != nil {
+	if err := ensureDisk(ctx, spec, ss); err != nil {
 		return fail(err)
 	}
 	if err := os.MkdirAll(filepath.Dir(ss.Active), 0o700); err != nil {

@@ -151,11 +151,25 @@ func PairConfigFromProto(s *pb.PairSpec) (PairConfig, error) {
 			host = pl.GetHost()
 		}
 		pc.Sides[i] = SideConfig{Host: host, Disk: pl.GetDiskPath(), NetSocket: pl.GetNetSocket()}
+		switch f := pl.GetDiskFormat(); f {
+		case "", "raw":
+		case "qcow2":
+			pc.Sides[i].DiskFormat = f
+		default:
+			return pc, bad(field+".disk_format", "%q: want raw or qcow2", f)
+		}
 		if pl.GetAddress() != "" && pl.GetHost() != "" && pl.GetHost() != pl.GetAddress() {
 			pc.Sides[i].Agent = pl.GetHost() // host names the agent, address its data address
 		}
 	}
 	pc.NoAutoReprotect = !s.AutoReprotectEnabled()
+	switch s.GetRestartPolicy() {
+	case pb.RestartPolicy_RESTART_POLICY_UNSPECIFIED, pb.RestartPolicy_RESTART_POLICY_ALWAYS:
+	case pb.RestartPolicy_RESTART_POLICY_NEVER:
+		pc.RestartPolicy = RestartNever
+	default:
+		return pc, bad("restart_policy", "unknown value %d", s.GetRestartPolicy())
+	}
 	return pc, nil
 }
 
@@ -170,14 +184,17 @@ func PairSpecToProto(pc PairConfig) *pb.PairSpec {
 		Kernel: sp.Kernel, Initrd: sp.Initrd, Append: sp.Append, DiskSizeBytes: uint64(sp.DiskSize),
 		Nic:         &pb.Nic{Mac: sp.NIC.MAC, Model: sp.NIC.Model, Backend: be, Tap: sp.NIC.Tap, Bridge: sp.NIC.Bridge},
 		QemuCommand: sp.QEMU, QemuImgCommand: sp.QEMUImg, Tunables: tunablesToProto(sp.Tunables),
-		AutoReprotect: &auto,
+		AutoReprotect: &auto, RestartPolicy: pb.RestartPolicy_RESTART_POLICY_ALWAYS,
+	}
+	if pc.RestartPolicy == RestartNever {
+		out.RestartPolicy = pb.RestartPolicy_RESTART_POLICY_NEVER
 	}
 	pl := func(sc SideConfig) *pb.Placement {
 		host := sc.Host
 		if sc.Agent != "" {
 			host = sc.Agent
 		}
-		return &pb.Placement{Host: host, Address: sc.Host, DiskPath: sc.Disk, NetSocket: sc.NetSocket}
+		return &pb.Placement{Host: host, Address: sc.Host, DiskPath: sc.Disk, DiskFormat: sc.DiskFormat, NetSocket: sc.NetSocket}
 	}
 	out.Primary, out.Secondary = pl(pc.Sides[0]), pl(pc.Sides[1])
 	return out
@@ -291,6 +308,13 @@ func (s *PairServer) CreatePair(ctx context.Context, req *pb.CreatePairRequest) 
 	pc, err := PairConfigFromProto(req.GetSpec())
 	if err != nil {
 		return nil, toGRPC(err)
+	}
+	if req.GetDryRun() {
+		checked, err := s.Agent.DryRunCreate(pc)
+		if err != nil {
+			return nil, toGRPC(err)
+		}
+		return &pb.CreatePairResponse{Pair: &pb.Pair{Spec: PairSpecToProto(checked)}}, nil
 	}
 	if _, err := s.Agent.Create(pc); err != nil {
 		return nil, toGRPC(err)

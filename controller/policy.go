@@ -136,6 +136,7 @@ type Policy struct {
 	wantPrimary  bool   // Start was asked here
 	operator     bool   // ... by an operator
 	restartAt    int    // a cold restart is due at this tick
+	startedAt    int    // when the last Start came
 	restarts     int    // cold restarts in a row (their backoff)
 	coldSince    int    // since when a cold start waits for a peer that may hold a COLO secondary (-1: not waiting)
 	stopped      bool   // an operator stopped the pair: nothing starts by itself
@@ -322,9 +323,10 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 			return nil, fmt.Errorf("start: this side is %s: %w", p.role, ErrWrongState)
 		}
 		p.wantPrimary, p.operator, p.role, p.why, p.restartAt, p.coldSince, p.stopped = true, e.Operator, RoleIdle, "starting", 0, -1, false
+		p.startedAt = p.now
 		acts = p.tryAcquire()
 	case Stop:
-		acts = p.stop()
+		acts = p.stop(e.Why)
 	case FailoverRequest:
 		var err error
 		if acts, err = p.failoverRequest(e); err != nil {
@@ -348,11 +350,13 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 		p.acquiring, p.storeOK = false, true
 		p.sawHolder(e.Holder)
 		p.storeAnswered(e.SentAt)
-		if p.role == RoleIdle && p.wantPrimary && e.Holder.Holder != p.self && !p.operator && p.PeerReachable() && p.peer.Role != RoleIdle && p.peer.Role != RoleFailed {
-			// The peer runs the VM: nothing for this side to start. (A peer holding the lease
-			// while idle is only reading the primary record, as this side is about to: ask
-			// again, the record decides who boots.)
-			p.wantPrimary, p.why = false, fmt.Sprintf("the VM runs on %s (epoch %d)", e.Holder.Holder, e.Holder.Epoch)
+		if p.role == RoleIdle && p.wantPrimary && e.Holder.Holder != p.self && p.PeerReachable() &&
+			(runsVM(p.peer.Role) && !p.peer.Fenced && p.peerSeen > p.startedAt || !p.operator && p.peer.Role != RoleIdle && p.peer.Role != RoleFailed) {
+			// The peer runs the VM (or, its secondary, takes over): nothing for this side to
+			// start. An operator's start needs to hear so after it was asked (the peer may
+			// have been stopped too). (A peer holding the lease while idle is only reading the
+			// primary record, as this side is about to: ask again, the record decides.)
+			p.wantPrimary, p.operator, p.why = false, false, fmt.Sprintf("the VM runs on %s (epoch %d)", e.Holder.Holder, e.Holder.Epoch)
 		}
 		// Another side holding the lease does not make our VM stale: it may only be checking
 		// the primary record, and give the lease back. The record decides, when we acquire.
@@ -463,6 +467,9 @@ func (p *Policy) Step(ev Event) ([]Action, error) {
 		}
 		if p.role != RoleIdle && p.role != RoleFailed && p.role != RoleJoining && p.role != RoleSecondary {
 			return nil, fmt.Errorf("prepare secondary: this side is %s: %w", p.role, ErrWrongState)
+		}
+		if p.stopped {
+			return nil, fmt.Errorf("prepare secondary: the pair is stopped here: %w", ErrWrongState)
 		}
 		if p.role == RoleJoining || p.role == RoleSecondary {
 			acts = append(acts, ActKill{Why: fmt.Sprintf("replaced by generation %d", e.Gen)})
@@ -600,6 +607,18 @@ func (p *Policy) storeAnswered(sentAt int) {
 	p.restoreUntil = 0
 }
 
+// OperatorStarting reports whether this side is carrying out an operator's start: it has not
+// booted the VM yet, nor found that the other side boots it.
+func (p *Policy) OperatorStarting() bool {
+	return p.operator && (p.wantPrimary || p.role == RoleBooting)
+}
+
+// SetOptions changes the pair's options at run time: re-protection by itself, and the
+// restart policy.
+func (p *Policy) SetOptions(autoReprotect, restart bool) {
+	p.cfg.AutoReprotect, p.cfg.Restart = autoReprotect, restart
+}
+
 func (p *Policy) release() []Action {
 	if !p.held {
 		return nil
@@ -684,11 +703,13 @@ func (p *Policy) acquired(e LeaseAcquired) []Action {
 		// a secondary in COLO of that VM takes over warm instead (its clients keep their
 		// connections): give it the lease, and the time to.
 		if e.Prev.Colo && (p.PeerReachable() && p.peer.Colo || !p.PeerReachable() && p.waitingForPeer()) {
-			// Out of the peer's way for a while: it needs the lease to take over.
+			// Out of the peer's way for a while: it needs the lease to take over. Then ask
+			// again: if the peer took over, its lease says so; if its secondary is gone too,
+			// this side boots.
 			p.why = "starting: the peer may take over from its secondary first"
-			p.wantPrimary, p.probeAt = false, p.now+5*p.cfg.RetryTicks
+			p.probeAt, p.restartAt = p.now+5*p.cfg.RetryTicks, p.now+5*p.cfg.RetryTicks
 			if !p.PeerReachable() {
-				p.wantPrimary, p.restartAt = true, p.now+p.cfg.AcquireEvery*2
+				p.restartAt = p.now + p.cfg.AcquireEvery*2
 			}
 			return p.release()
 		}
@@ -742,13 +763,22 @@ func (p *Policy) waitingForPeer() bool {
 	return p.now-p.coldSince < 3*p.cfg.LeaseTTL
 }
 
-func (p *Policy) stop() []Action {
+func (p *Policy) stop(why string) []Action {
+	if why == "" {
+		why = "stopped"
+	}
 	var acts []Action
 	if p.role != RoleIdle {
 		acts = append(acts, ActKill{Why: "stop"})
 	}
+	if p.held && p.isPrimary() {
+		// The record says this side ran the VM last, alone, before the lease goes: a
+		// secondary still in COLO finds it stale instead of taking over the stopped VM, and
+		// a start boots this side's disk, which has every write the VM acknowledged.
+		acts = append(acts, ActMark{Rec: p.record(false)})
+	}
 	acts = append(acts, p.release()...)
-	p.role, p.fenced, p.colo, p.wantPrimary, p.why, p.coloLost, p.stopped = RoleIdle, false, false, false, "stopped", "", true
+	p.role, p.fenced, p.colo, p.wantPrimary, p.why, p.coloLost, p.stopped = RoleIdle, false, false, false, why, "", true
 	return acts
 }
 

@@ -85,6 +85,16 @@ type simWorld struct {
 	noDelay bool
 	// storeLag: the store's answers take up to this many ticks more (a loaded store).
 	storeLag int
+	// The operator stopped the pair (its config in the store says so); stopDone[i]: host i's
+	// agent has taken the stop.
+	stopped  bool
+	stopDone [2]bool
+	// starts counts the operator's starts (PairConfig.Starts); seenStarts[i] is the last that
+	// host i's agents took (saved in side.json).
+	starts     int
+	seenStarts [2]int
+	// startPending[i]: host i's agent was carrying out an operator's start (saved in side.json).
+	startPending [2]bool
 }
 
 func newSimWorld(t *rapid.T, cfg Config) *simWorld {
@@ -153,6 +163,15 @@ func (w *simWorld) step(i int, ev Event) {
 	}
 	before := h.pol.Role()
 	acts, err := h.pol.Step(ev)
+	switch ev.(type) {
+	case Stop:
+		w.stopDone[i] = true
+	case Start:
+		w.stopDone[i] = false
+		if ev.(Start).Operator {
+			w.seenStarts[i] = w.starts
+		}
+	}
 	routine := true
 	for _, a := range acts {
 		switch a.(type) {
@@ -185,6 +204,7 @@ func (w *simWorld) save(i int) {
 		role = RoleSecondary
 	}
 	h.saved = Adopted{Role: role, Gen: h.pol.Generation(), Epoch: h.pol.Epoch(), LeaseEpoch: h.pol.LeaseEpoch()}
+	w.startPending[i] = h.pol.OperatorStarting()
 }
 
 func actsString(acts []Action) string {
@@ -353,9 +373,10 @@ func (w *simWorld) deliver(m simMsg) {
 			return
 		}
 		v := h.pol.Reply(ev.view)
-		w.msgs = append(w.msgs, simMsg{at: w.now + w.delay(), to: 1 - i, ev: simHeartbeatReply{sentAt: ev.sentAt, view: v}})
+		w.msgs = append(w.msgs, simMsg{at: w.now + w.delay(), to: 1 - i, ev: simHeartbeatReply{sentAt: ev.sentAt, view: v, agent: ev.agent}})
 	case simHeartbeatReply:
-		if !w.linkAB {
+		if !w.linkAB || ev.agent != h.pol {
+			// (The answer to a heartbeat of an agent that is gone dies with its call.)
 			return
 		}
 		w.step(i, PeerReply{SentAt: ev.sentAt, View: ev.view})
@@ -377,6 +398,7 @@ func isNetwork(ev Event) bool {
 type simHeartbeat struct {
 	sentAt int
 	view   PeerView
+	agent  *Policy // the sending agent: its answer goes to it, not to a successor
 }
 
 func (simHeartbeat) isEvent() {}
@@ -384,6 +406,7 @@ func (simHeartbeat) isEvent() {}
 type simHeartbeatReply struct {
 	sentAt int
 	view   PeerView
+	agent  *Policy
 }
 
 func (simHeartbeatReply) isEvent() {}
@@ -489,7 +512,7 @@ func (w *simWorld) advance() {
 	}
 	for i, h := range w.hosts {
 		if w.working(i) && w.linkAB {
-			w.msgs = append(w.msgs, simMsg{at: w.now + w.delay(), to: 1 - i, ev: simHeartbeat{sentAt: h.pol.Now(), view: h.pol.View()}})
+			w.msgs = append(w.msgs, simMsg{at: w.now + w.delay(), to: 1 - i, ev: simHeartbeat{sentAt: h.pol.Now(), view: h.pol.View(), agent: h.pol}})
 		}
 	}
 	// The guest acknowledges one record per tick on the side that releases output.
@@ -519,6 +542,14 @@ func (w *simWorld) advance() {
 	if n > 1 {
 		w.fail("two VMs release output at once")
 	}
+	// A pair stopped on both sides runs nothing until it is started.
+	if w.stopped && w.stopDone[0] && w.stopDone[1] {
+		for _, h := range w.hosts {
+			if h.vm.state != vmNone {
+				w.fail("the pair is stopped on both sides, but %s runs a QEMU (%+v)", h.name, h.vm)
+			}
+		}
+	}
 	// A COLO primary cut from its secondary holds its IPv4 output but passes the frames
 	// colo-compare does not compare (ARP, IPv6): with another VM releasing, both are on the wire.
 	for i := range w.hosts {
@@ -537,6 +568,39 @@ func (w *simWorld) leaking(i int) bool {
 // simConfig: heartbeat timeout 5 ticks, lease 10, margin 2.
 var simConfig = Config{HeartbeatTimeout: 5, LeaseTTL: 10, FenceMargin: 2, RenewEvery: 2, AcquireEvery: 3,
 	StandDownAfter: 25, AutoReprotect: true, RetryTicks: 3, MaxRetryTicks: 12}
+
+// operatorStop stops the pair: the agent asked stops its side at once, secondary first when
+// it runs both; the other agent follows the store a little later.
+func (w *simWorld) operatorStop() {
+	w.stopped, w.stopDone = true, [2]bool{}
+	first := 0
+	if runsVM(w.hosts[0].pol.Role()) {
+		first = 1
+	}
+	w.logf("env: operator stops the pair (%s first)", w.hosts[first].name)
+	w.send(first, Stop{}, 0) // a frozen agent takes it when it thaws; a new one reads the store
+	w.send(1-first, Stop{}, rapid.IntRange(0, 4).Draw(w.t, "stopLag"))
+}
+
+// operatorStart starts a stopped pair: both sides are asked, one of them a little later.
+func (w *simWorld) operatorStart() {
+	w.stopped = false
+	w.starts++
+	first := rapid.IntRange(0, 1).Draw(w.t, "startFirst")
+	w.logf("env: operator starts the pair (%s first)", w.hosts[first].name)
+	lag := [2]int{}
+	lag[1-first] = rapid.IntRange(0, 4).Draw(w.t, "startLag")
+	for i := range lag {
+		// The store's watch brings a host the configs in order: a stop still on its way
+		// comes first.
+		for _, m := range w.msgs {
+			if _, ok := m.ev.(Stop); ok && m.to == i {
+				lag[i] = max(lag[i], m.at-w.now)
+			}
+		}
+		w.send(i, Start{Operator: true}, lag[i])
+	}
+}
 
 // runUntilProtected starts both sides, as the agents do when they find no QEMU, and runs
 // until both are in COLO.
@@ -606,7 +670,15 @@ func (w *simWorld) startAgent(i int) {
 	for _, a := range acts {
 		w.do(i, a)
 	}
-	if h.vm.state == vmNone {
+	switch {
+	case w.stopped:
+		// The pair's config says stopped: the runner stops the side (an adopted QEMU too).
+		w.step(i, Stop{})
+	case w.seenStarts[i] != w.starts || w.startPending[i] && h.vm.state == vmNone:
+		// The operator started the pair while no agent ran here, or the agent before did not
+		// finish the start.
+		w.step(i, Start{Operator: true})
+	case h.vm.state == vmNone:
 		// No QEMU to adopt: the runner starts the side (the policy decides whether it boots).
 		w.step(i, Start{})
 	}
@@ -636,7 +708,7 @@ func TestPolicyProperties(t *testing.T) {
 		steps := rapid.IntRange(20, 250).Draw(rt, "steps")
 		for k := 0; k < steps; k++ {
 			v := w.hosts[victim]
-			switch ev := rapid.IntRange(0, 34).Draw(rt, "env"); ev {
+			switch ev := rapid.IntRange(0, 36).Draw(rt, "env"); ev {
 			case 1:
 				w.linkAB = false
 				w.logf("env: cut a-b")
@@ -692,6 +764,14 @@ func TestPolicyProperties(t *testing.T) {
 					v.frozen = rapid.IntRange(1, 3*w.cfg.LeaseTTL).Draw(rt, "freeze")
 					w.logf("env: %s's agent frozen for %d ticks", v.name, v.frozen)
 				}
+			case 14:
+				if !w.stopped {
+					w.operatorStop()
+				}
+			case 15:
+				if w.stopped {
+					w.operatorStart()
+				}
 			}
 			w.advance()
 		}
@@ -707,6 +787,9 @@ func TestPolicyProperties(t *testing.T) {
 			h.frozen = 0
 		}
 		w.logf("env: all healed")
+		if w.stopped {
+			w.operatorStart()
+		}
 		for k := 0; k < 200 && !w.protected(); k++ {
 			w.advance()
 		}

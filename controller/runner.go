@@ -48,8 +48,10 @@ type runner struct {
 	specs chan struct{} // a new config is in pcp's successor slot
 	next  atomic.Pointer[PairConfig]
 	stopc chan struct{}
-	quit  chan struct{} // closed when the loop starts to stop: nothing is posted any more
-	done  chan struct{}
+	// starts is the last of the operator's starts this side took (PairConfig.Starts).
+	starts uint64
+	quit   chan struct{} // closed when the loop starts to stop: nothing is posted any more
+	done   chan struct{}
 
 	fenceNext  atomic.Pointer[fence.Guard] // the newest guard for the host's fence keeper
 	fenceWake  chan struct{}
@@ -87,8 +89,9 @@ type guardKey struct {
 // call is a request the run goroutine answers.
 type call struct {
 	ev    Event
-	prep  *PrepareArgs // with PrepareRequest
-	param bool         // a request for the protected primary's QEMU and config
+	prep  *PrepareArgs                        // with PrepareRequest
+	param bool                                // a request for the protected primary's QEMU and config
+	fn    func(ctx context.Context) callReply // runs on the runner's loop, with its context
 	reply chan callReply
 }
 
@@ -98,6 +101,9 @@ type callReply struct {
 	prep chan prepareResult // for PrepareRequest
 	vm   *checkpoint.VM     // for param
 	pc   PairConfig         // for param
+	pid  int                // for a drill: the QEMU killed, and when
+	at   time.Time
+	dir  string // for the console: the primary's runtime folder
 }
 
 type pendingPrepare struct {
@@ -170,7 +176,7 @@ func (r *runner) epoch() uint64 { return r.epochNow.Load() }
 func (r *runner) localSide() checkpoint.Side {
 	sc := r.config().Sides[r.side]
 	ov := filepath.Join(r.a.cfg.OverlayDir, r.name, r.side.String())
-	return checkpoint.Side{Host: sc.Host, RunDir: r.dir, Disk: sc.Disk,
+	return checkpoint.Side{Host: sc.Host, RunDir: r.dir, Disk: sc.Disk, DiskFormat: sc.DiskFormat,
 		Active: filepath.Join(ov, "active.qcow2"), Hidden: filepath.Join(ov, "hidden.qcow2"), NetSocket: sc.NetSocket}
 }
 
@@ -340,7 +346,7 @@ func (r *runner) run(ctx context.Context) {
 			r.publishStats()
 		case <-r.specs:
 			if pc := r.next.Swap(nil); pc != nil {
-				r.setConfig(*pc)
+				r.setConfig(ctx, *pc)
 			}
 		case c := <-r.calls:
 			r.answer(ctx, c)
@@ -353,11 +359,31 @@ func (r *runner) run(ctx context.Context) {
 
 // setConfig takes a new config of the pair: the next protection uses its tunables, and the
 // observer rates checkpoints against its delay.
-func (r *runner) setConfig(pc PairConfig) {
+//
+// The operator's stop and start reach every side this way, through the store: a stop stops
+// the side; a start (or a new one) asks it to start as an operator's start.
+func (r *runner) setConfig(ctx context.Context, pc PairConfig) {
 	cur := r.config()
+	if pc.Version < cur.Version {
+		return // older than what the runner has (the store's watch lags the API)
+	}
+	stop := pc.Stopped && !cur.Stopped
+	start := !pc.Stopped && (cur.Stopped || pc.Starts != cur.Starts)
 	cur.Spec.Tunables = pc.Spec.WithDefaults().Tunables
-	cur.NoAutoReprotect = pc.NoAutoReprotect
+	cur.NoAutoReprotect, cur.RestartPolicy, cur.Stopped, cur.Starts, cur.Version = pc.NoAutoReprotect, pc.RestartPolicy, pc.Stopped, pc.Starts, pc.Version
 	r.pcp.Store(&cur)
+	if r.pol != nil {
+		r.pol.SetOptions(!cur.NoAutoReprotect, cur.restart())
+		switch {
+		case stop:
+			r.log.Info("the operator stopped the pair")
+			r.step(ctx, Stop{Why: stoppedWhy})
+		case start:
+			r.log.Info("the operator started the pair")
+			r.starts = cur.Starts
+			r.step(ctx, Start{Operator: true})
+		}
+	}
 	r.view.setConfig(cur)
 	if r.obs != nil {
 		r.obs.Observer.SetDelay(cur.Spec.Tunables.CheckpointDelay)
@@ -367,6 +393,10 @@ func (r *runner) setConfig(pc PairConfig) {
 func (r *runner) answer(ctx context.Context, c call) {
 	if c.param {
 		c.reply <- r.paramsTarget()
+		return
+	}
+	if c.fn != nil {
+		c.reply <- c.fn(ctx)
 		return
 	}
 	acts, err := r.pol.Step(c.ev)

@@ -78,6 +78,10 @@ type Store interface {
 	CreatePair(ctx context.Context, name string, value []byte) error
 	// UpdatePair replaces a pair spec; ErrNotFound if absent.
 	UpdatePair(ctx context.Context, name string, value []byte) error
+	// ModifyPair replaces a pair spec with f of the stored one, atomically: when another
+	// writer changed it meanwhile, f runs again on the newer spec. An error of f is returned
+	// as is and nothing is written; ErrNotFound if absent.
+	ModifyPair(ctx context.Context, name string, f func(old []byte) ([]byte, error)) error
 	// GetPair returns a pair spec; ErrNotFound if absent.
 	GetPair(ctx context.Context, name string) ([]byte, error)
 	// ListPairs returns every pair spec by name.

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -134,6 +135,15 @@ func TestPairs(t *testing.T) {
 		{"create existing", func(ctx context.Context, s *Etcd) error { return s.CreatePair(ctx, "p", []byte("v2")) }, ErrExists, "v1"},
 		{"update existing", func(ctx context.Context, s *Etcd) error { return s.UpdatePair(ctx, "p", []byte("v2")) }, nil, "v2"},
 		{"update missing", func(ctx context.Context, s *Etcd) error { return s.UpdatePair(ctx, "nope", []byte("x")) }, ErrNotFound, "v1"},
+		{"modify existing", func(ctx context.Context, s *Etcd) error {
+			return s.ModifyPair(ctx, "p", func(old []byte) ([]byte, error) { return append(old, "+m"...), nil })
+		}, nil, "v1+m"},
+		{"modify missing", func(ctx context.Context, s *Etcd) error {
+			return s.ModifyPair(ctx, "nope", func(old []byte) ([]byte, error) { return []byte("x"), nil })
+		}, ErrNotFound, "v1"},
+		{"modify refused by f", func(ctx context.Context, s *Etcd) error {
+			return s.ModifyPair(ctx, "p", func(old []byte) ([]byte, error) { return []byte("x"), errRefused })
+		}, errRefused, "v1"},
 		{"get missing", func(ctx context.Context, s *Etcd) error { _, err := s.GetPair(ctx, "nope"); return err }, ErrNotFound, "v1"},
 		{"delete existing", func(ctx context.Context, s *Etcd) error { return s.DeletePair(ctx, "p") }, nil, ""},
 		{"delete missing", func(ctx context.Context, s *Etcd) error { return s.DeletePair(ctx, "nope") }, ErrNotFound, "v1"},
@@ -158,6 +168,44 @@ func TestPairs(t *testing.T) {
 				t.Fatalf("after: GetPair(p) = %q, %v; want %q", got, err, tc.want)
 			}
 		})
+	}
+}
+
+var errRefused = errors.New("refused")
+
+// TestModifyPairConcurrent: concurrent modifications of one pair lose none of each other's.
+func TestModifyPairConcurrent(t *testing.T) {
+	t.Parallel()
+	ctx := testCtx(t)
+	s := newStore(t, shared.Endpoints())
+	mustCreate(t, s, "p", "")
+	const writers, each = 4, 10
+	var wg sync.WaitGroup
+	errs := make(chan error, writers*each)
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range each {
+				errs <- s.ModifyPair(ctx, "p", func(old []byte) ([]byte, error) { return append(old, byte('a'+w)), nil })
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := s.GetPair(ctx, "p")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for w := range writers {
+		if n := strings.Count(string(got), string(rune('a'+w))); n != each {
+			t.Fatalf("writer %d's modifications in the pair: %d of %d (value %q)", w, n, each, got)
+		}
 	}
 }
 

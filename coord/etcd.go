@@ -176,6 +176,40 @@ func (s *Etcd) UpdatePair(ctx context.Context, name string, value []byte) error 
 	return s.putPair(ctx, name, value, true)
 }
 
+// ModifyPair replaces a pair spec with f of the stored one, in a transaction that fails if
+// another writer changed it since it was read (then f runs again on the new value).
+func (s *Etcd) ModifyPair(ctx context.Context, name string, f func(old []byte) ([]byte, error)) error {
+	if err := checkName("pair", name); err != nil {
+		return err
+	}
+	k := s.pairKey(name)
+	op := "modify pair " + name
+	for {
+		resp, err := s.cli.Get(ctx, k)
+		if err != nil {
+			return fail(op, err)
+		}
+		if len(resp.Kvs) == 0 {
+			return fmt.Errorf("coord: %s: %w", op, ErrNotFound)
+		}
+		kv := resp.Kvs[0]
+		value, err := f(kv.Value)
+		if err != nil {
+			return err
+		}
+		tr, err := s.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(k), "=", kv.ModRevision)).
+			Then(clientv3.OpPut(k, string(value))).
+			Commit()
+		if err != nil {
+			return fail(op, err)
+		}
+		if tr.Succeeded {
+			return nil
+		}
+	}
+}
+
 // putPair writes a pair spec in one transaction, only if the pair exists (update) or only if
 // it does not (create).
 func (s *Etcd) putPair(ctx context.Context, name string, value []byte, update bool) error {

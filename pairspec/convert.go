@@ -12,6 +12,9 @@ import (
 
 var accelToProto = map[string]pb.Accel{"": pb.Accel_ACCEL_UNSPECIFIED, "auto": pb.Accel_ACCEL_AUTO, "kvm": pb.Accel_ACCEL_KVM, "tcg": pb.Accel_ACCEL_TCG}
 
+var restartToProto = map[string]pb.RestartPolicy{"": pb.RestartPolicy_RESTART_POLICY_UNSPECIFIED,
+	"always": pb.RestartPolicy_RESTART_POLICY_ALWAYS, "never": pb.RestartPolicy_RESTART_POLICY_NEVER}
+
 var backendToProto = map[string]pb.NicBackend{"": pb.NicBackend_NIC_BACKEND_UNSPECIFIED, "tap": pb.NicBackend_NIC_BACKEND_TAP,
 	"bridge": pb.NicBackend_NIC_BACKEND_BRIDGE, "socket": pb.NicBackend_NIC_BACKEND_SOCKET}
 
@@ -25,7 +28,7 @@ func (p *Pair) ToProto() *pb.PairSpec {
 		Nic:           &pb.Nic{Mac: s.NIC.MAC, Model: s.NIC.Model, Backend: backendToProto[s.NIC.backend()], Tap: s.NIC.Tap, Bridge: s.NIC.Bridge},
 		QemuCommand:   s.QEMUCommand, QemuImgCommand: s.QEMUImgCommand,
 		Tunables:      s.Tunables.toProto(),
-		AutoReprotect: s.AutoReprotect,
+		AutoReprotect: s.AutoReprotect, RestartPolicy: restartToProto[s.RestartPolicy],
 	}
 	if b := s.Boot; b != nil {
 		out.Kernel, out.Initrd, out.Append = b.Kernel, b.Initrd, b.Cmdline
@@ -94,6 +97,9 @@ func FromProto(spec *pb.PairSpec, status *pb.PairStatus) *Pair {
 	if spec.AutoReprotect != nil {
 		v := spec.GetAutoReprotect()
 		s.AutoReprotect = &v
+	}
+	if r := spec.GetRestartPolicy(); r != pb.RestartPolicy_RESTART_POLICY_UNSPECIFIED {
+		s.RestartPolicy = enumWord(r.String(), "RESTART_POLICY_")
 	}
 	a, b := spec.GetPrimary(), spec.GetSecondary()
 	if a.GetDiskPath() == b.GetDiskPath() {

@@ -86,6 +86,10 @@ type Spec struct {
 	// AutoReprotect says whether the agents protect the pair again by themselves once it runs
 	// unprotected and a secondary can be had; true by default.
 	AutoReprotect *bool `yaml:"autoReprotect,omitempty" json:"autoReprotect,omitempty"`
+	// RestartPolicy is what the agents do when the only running copy of the VM dies: always
+	// (the default) boots it again, cold, from the disk of the side that ran it last; never
+	// leaves the pair failed until "lockstepctl start".
+	RestartPolicy string `yaml:"restartPolicy,omitempty" json:"restartPolicy,omitempty"`
 	// Primary is where the side that starts as primary runs.
 	Primary Placement `yaml:"primary" json:"primary"`
 	// Secondary is where the side that starts as secondary runs.

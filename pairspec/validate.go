@@ -82,6 +82,11 @@ func validate(p *Pair, at func(field string) (int, int)) Errors {
 	default:
 		bad("spec.accel", "%q: want auto, kvm or tcg", s.Accel)
 	}
+	switch s.RestartPolicy {
+	case "", "always", "never":
+	default:
+		bad("spec.restartPolicy", "%q: want always or never", s.RestartPolicy)
+	}
 	if b := s.Boot; b != nil && b.Kernel == "" {
 		if b.Initrd != "" {
 			bad("spec.boot.initrd", "needs spec.boot.kernel")

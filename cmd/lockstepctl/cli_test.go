@@ -195,7 +195,7 @@ secondary: {host: 127.0.0.1, diskPath: /d/b.raw, netSocket: "127.0.0.1:7002"}
 
 // Every command has its own help with examples, through --help and through help.
 func TestHelpOfEveryCommand(t *testing.T) {
-	a := &app{pending: &fakePending{}, out: &bytes.Buffer{}, errOut: &bytes.Buffer{}}
+	a := &app{ops: &fakeOps{}, out: &bytes.Buffer{}, errOut: &bytes.Buffer{}}
 	root := a.newRootCommand()
 	var names []string
 	for _, c := range root.Commands() {
@@ -212,7 +212,7 @@ func TestHelpOfEveryCommand(t *testing.T) {
 	}
 	for _, n := range names {
 		for _, args := range [][]string{{n, "--help"}, {"help", n}, {n, "-h", "--addr", "unix:///x"}} {
-			code, out, errOut := runFake(&fakePending{}, "", args...)
+			code, out, errOut := runFake(&fakeOps{}, "", args...)
 			if code != exitOK || !strings.Contains(out, "Usage:\n  lockstepctl "+n) || !strings.Contains(out, "Examples:") || !strings.Contains(out, "--addr ADDR") {
 				t.Errorf("%v: exit %d\n%s%s", args, code, out, errOut)
 			}
@@ -220,23 +220,9 @@ func TestHelpOfEveryCommand(t *testing.T) {
 	}
 }
 
-// The shipped CLI leaves out the commands whose API does not exist yet.
-func TestShippedCLIWithoutPendingAPI(t *testing.T) {
-	for _, args := range [][]string{{"start", "db1"}, {"stop", "db1"}, {"test-failover", "db1"}, {"test-restart-secondary", "db1"}, {"console", "db1"}} {
-		code, _, errOut := runCtl(args...)
-		if code != exitUsage || !strings.Contains(errOut, "unknown command") {
-			t.Errorf("%v: exit %d: %s", args, code, errOut)
-		}
-	}
-	code, _, errOut := runCtl("create", "-f", exampleSpec, "--dry-run")
-	if code != exitUsage || !strings.Contains(errOut, "unknown flag: --dry-run") {
-		t.Errorf("create --dry-run: exit %d: %s", code, errOut)
-	}
-}
-
 func TestStartStopDryRun(t *testing.T) {
 	f, addr := serveFake(t, protectedPair("db1"))
-	p := &fakePending{agent: f}
+	p := &fakeOps{agent: f}
 	if code, out, errOut := runFake(p, "", "--addr", addr, "stop", "db1"); code != exitOK || out != "db1: stopped\n" {
 		t.Fatalf("stop: exit %d %q %s", code, out, errOut)
 	}
@@ -251,7 +237,7 @@ func TestStartStopDryRun(t *testing.T) {
 		t.Fatalf("dry run of a taken name: exit %d: %s", code, errOut)
 	}
 	empty, addr2 := serveFake(t)
-	code, out, errOut := runFake(&fakePending{agent: empty}, "", "--addr", addr2, "create", "--dry-run", "-f", exampleSpec)
+	code, out, errOut := runFake(&fakeOps{agent: empty}, "", "--addr", addr2, "create", "--dry-run", "-f", exampleSpec)
 	if code != exitOK || !strings.Contains(out, "kind: Pair") || !strings.Contains(out, "memory: 128Mi") {
 		t.Fatalf("dry run: exit %d\n%s%s", code, out, errOut)
 	}
@@ -274,7 +260,7 @@ func TestDrills(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f, addr := serveFake(t, protectedPair("db1"))
-			p := &fakePending{agent: f, outcome: tc.outcome}
+			p := &fakeOps{agent: f, outcome: tc.outcome}
 			code, out, errOut := runFake(p, "", "--addr", addr, tc.cmd, "db1", "--wait", "2s")
 			if code != tc.code {
 				t.Fatalf("exit %d, want %d\n%s%s", code, tc.code, out, errOut)
@@ -291,7 +277,7 @@ func TestDrills(t *testing.T) {
 	}
 	t.Run("json report", func(t *testing.T) {
 		f, addr := serveFake(t, protectedPair("db1"))
-		code, out, errOut := runFake(&fakePending{agent: f}, "", "--addr", addr, "-o", "json", "test-failover", "db1")
+		code, out, errOut := runFake(&fakeOps{agent: f}, "", "--addr", addr, "-o", "json", "test-failover", "db1")
 		var rep map[string]any
 		if code != exitOK || json.Unmarshal([]byte(out), &rep) != nil {
 			t.Fatalf("exit %d\n%s%s", code, out, errOut)
@@ -304,7 +290,7 @@ func TestDrills(t *testing.T) {
 		deg := protectedPair("db1")
 		deg.Status.State = pb.PairState_PAIR_STATE_DEGRADED
 		f, addr := serveFake(t, deg)
-		p := &fakePending{agent: f}
+		p := &fakeOps{agent: f}
 		for _, cmd := range []string{"test-failover", "test-restart-secondary"} {
 			code, _, errOut := runFake(p, "", "--addr", addr, cmd, "db1")
 			if code != exitFailed || !strings.Contains(errOut, "the pair is degraded: not protected (a drill needs a protected pair)") {
@@ -341,7 +327,7 @@ func TestConsole(t *testing.T) {
 	c := newFakeConsole("login: ")
 	in, typing := io.Pipe()
 	var out, errOut syncBuffer
-	a := &app{in: in, out: &out, errOut: &errOut, pending: &fakePending{agent: f, console: c}}
+	a := &app{in: in, out: &out, errOut: &errOut, ops: &fakeOps{agent: f, console: c}}
 	code := make(chan int, 1)
 	go func() { code <- a.execute([]string{"--addr", addr, "console", "db1"}) }()
 	waitFor := func(want string) {

@@ -116,7 +116,7 @@ compgen -F words -- ` + shq(words[len(words)-1]) + `
 		words []string
 		want  []string
 	}{
-		{"command", []string{"lockstepctl", "sta"}, []string{"status"}},
+		{"command", []string{"lockstepctl", "sta"}, []string{"start", "status"}},
 		{"commands", []string{"lockstepctl", "re"}, []string{"reprotect"}},
 		{"pair names after --addr", []string{"lockstepctl", "--addr", "unix", ":", sock, "status", ""}, []string{"db1", "db2", "web"}},
 		{"pair names by prefix", []string{"lockstepctl", "--addr", "unix", ":", sock, "failover", "d"}, []string{"db1", "db2"}},

@@ -42,7 +42,7 @@ console follows the VM: after a failover, attach again.`,
 func (a *app) console(name string) error {
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGHUP)
 	defer cancel()
-	s, err := a.pending.Console(ctx, name)
+	s, err := a.ops.Console(ctx, name)
 	if err != nil {
 		return err
 	}

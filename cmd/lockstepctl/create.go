@@ -40,7 +40,7 @@ with a warning, for one more release; "lockstepctl convert" rewrites them.`,
 			ctx, cancel := a.ctx()
 			defer cancel()
 			if dryRun {
-				p, err := a.pending.DryRunCreate(ctx, spec)
+				p, err := a.ops.DryRunCreate(ctx, spec)
 				if err != nil {
 					return &agentSpecError{file: file, pair: doc, err: err}
 				}
@@ -59,9 +59,7 @@ with a warning, for one more release; "lockstepctl convert" rewrites them.`,
 	cmd.Flags().StringVarP(&file, "filename", "f", "", "spec `FILE`: a lockstep.dev/v1 Pair in YAML or JSON, - for standard input")
 	_ = cmd.MarkFlagFilename("filename", "yaml", "yml", "json")
 	cmd.Flags().BoolVar(&wait, "wait", false, "wait until the pair is protected, showing progress")
-	if a.pending != nil {
-		cmd.Flags().BoolVar(&dryRun, "dry-run", false, "have the agent check the spec and print it with its defaults filled in; create nothing")
-	}
+	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "have the agent check the spec and print it with its defaults filled in; create nothing")
 	return cmd
 }
 

@@ -62,7 +62,7 @@ func (a *app) drill(command, name string, target drillTarget, wait time.Duration
 		return err
 	}
 	kctx, kcancel := a.ctx()
-	kill, err := a.pending.KillForDrill(kctx, name, target)
+	kill, err := a.ops.KillForDrill(kctx, name, target)
 	kcancel()
 	if err != nil {
 		return err

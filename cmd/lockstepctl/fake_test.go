@@ -153,8 +153,8 @@ func stateEvent(at time.Time, from, to pb.PairState, why string) *pb.PairEvent {
 	return &pb.PairEvent{Time: timestamppb.New(at), Event: &pb.PairEvent_StateChange{StateChange: &pb.StateChange{FromState: from, ToState: to, Reason: why}}}
 }
 
-// fakePending is the pending API over a fakeAgent: a drill plays a failover's events.
-type fakePending struct {
+// fakeOps is the operator's API over a fakeAgent: a drill plays a failover's events.
+type fakeOps struct {
 	agent *fakeAgent
 	// outcome of a drill: "protected" (the default), "failed" or "never" (no protection).
 	outcome string
@@ -163,9 +163,9 @@ type fakePending struct {
 	console *fakeConsole
 }
 
-var _ pendingAPI = (*fakePending)(nil)
+var _ opsAPI = (*fakeOps)(nil)
 
-func (f *fakePending) DryRunCreate(ctx context.Context, spec *pb.PairSpec) (*pb.Pair, error) {
+func (f *fakeOps) DryRunCreate(ctx context.Context, spec *pb.PairSpec) (*pb.Pair, error) {
 	s := proto.Clone(spec).(*pb.PairSpec)
 	if s.MemoryMib == 0 {
 		s.MemoryMib = 512
@@ -176,7 +176,7 @@ func (f *fakePending) DryRunCreate(ctx context.Context, spec *pb.PairSpec) (*pb.
 	return &pb.Pair{Spec: s}, nil
 }
 
-func (f *fakePending) setState(name string, st pb.PairState) (*pb.PairStatus, error) {
+func (f *fakeOps) setState(name string, st pb.PairState) (*pb.PairStatus, error) {
 	if _, err := f.agent.get(name); err != nil {
 		return nil, err
 	}
@@ -186,17 +186,17 @@ func (f *fakePending) setState(name string, st pb.PairState) (*pb.PairStatus, er
 	return proto.Clone(f.agent.pairs[name].Status).(*pb.PairStatus), nil
 }
 
-func (f *fakePending) StartPair(ctx context.Context, name string) (*pb.PairStatus, error) {
+func (f *fakeOps) StartPair(ctx context.Context, name string) (*pb.PairStatus, error) {
 	return f.setState(name, pb.PairState_PAIR_STATE_STARTING)
 }
 
-func (f *fakePending) StopPair(ctx context.Context, name string) (*pb.PairStatus, error) {
+func (f *fakeOps) StopPair(ctx context.Context, name string) (*pb.PairStatus, error) {
 	return f.setState(name, pb.PairState_PAIR_STATE_STOPPED)
 }
 
 // KillForDrill plays what the agent reports when a side's QEMU is killed: detection 12 ms after
 // the kill, a 62 ms failover sequence, then re-protection 1.5 s later.
-func (f *fakePending) KillForDrill(ctx context.Context, name string, target drillTarget) (*drillKill, error) {
+func (f *fakeOps) KillForDrill(ctx context.Context, name string, target drillTarget) (*drillKill, error) {
 	p, err := f.agent.get(name)
 	if err != nil {
 		return nil, err
@@ -230,7 +230,7 @@ func (f *fakePending) KillForDrill(ctx context.Context, name string, target dril
 	return &drillKill{Host: "hosta", PID: 4242, At: t0}, nil
 }
 
-func (f *fakePending) Console(ctx context.Context, name string) (consoleStream, error) {
+func (f *fakeOps) Console(ctx context.Context, name string) (consoleStream, error) {
 	if _, err := f.agent.get(name); err != nil {
 		return nil, err
 	}
@@ -277,10 +277,10 @@ func (c *fakeConsole) CloseSend() error {
 	return nil
 }
 
-// runFake runs lockstepctl with the pending commands over f.
-func runFake(p *fakePending, stdin string, args ...string) (int, string, string) {
+// runFake runs lockstepctl with the operator's commands over f.
+func runFake(p *fakeOps, stdin string, args ...string) (int, string, string) {
 	var out, errOut bytes.Buffer
-	a := &app{in: bytes.NewBufferString(stdin), out: &out, errOut: &errOut, pending: p}
+	a := &app{in: bytes.NewBufferString(stdin), out: &out, errOut: &errOut, ops: p}
 	code := a.execute(args)
 	return code, out.String(), errOut.String()
 }

@@ -31,10 +31,9 @@ type app struct {
 	conn   *grpc.ClientConn
 	client pb.PairServiceClient
 
-	// pending is the part of the API the CLI needs that the agent does not serve yet
-	// (pending.go). Nil in the shipped CLI, which then has no command that needs it; tests set a
-	// fake to exercise those commands.
-	pending pendingAPI
+	// ops serves the operator's calls beyond reading and changing pairs (ops.go): grpcOps,
+	// unless a test set a fake.
+	ops opsAPI
 }
 
 const rootLong = `lockstepctl operates lockstep: VMs kept running in COLO lockstep on two hosts (or two QEMUs
@@ -123,12 +122,13 @@ func (a *app) newRootCommand() *cobra.Command {
 		c.GroupID = "pairs"
 		root.AddCommand(c)
 	}
-	if a.pending != nil {
-		for _, c := range []*cobra.Command{a.newStartCommand(), a.newStopCommand(), a.newTestFailoverCommand(),
-			a.newTestRestartSecondaryCommand(), a.newConsoleCommand()} {
-			c.GroupID = "pairs"
-			root.AddCommand(c)
-		}
+	if a.ops == nil {
+		a.ops = grpcOps{a: a}
+	}
+	for _, c := range []*cobra.Command{a.newStartCommand(), a.newStopCommand(), a.newTestFailoverCommand(),
+		a.newTestRestartSecondaryCommand(), a.newConsoleCommand()} {
+		c.GroupID = "pairs"
+		root.AddCommand(c)
 	}
 	for _, c := range []*cobra.Command{a.newConvertCommand(), a.newCompletionCommand(root)} {
 		c.GroupID = "other"

@@ -23,7 +23,7 @@ restart), then protect it as at creation. With -o json or yaml it prints the pai
 			}
 			ctx, cancel := a.ctx()
 			defer cancel()
-			st, err := a.pending.StartPair(ctx, args[0])
+			st, err := a.ops.StartPair(ctx, args[0])
 			if err != nil {
 				return err
 			}

@@ -24,7 +24,7 @@ yaml it prints the pair's status.`,
 			}
 			ctx, cancel := a.ctx()
 			defer cancel()
-			st, err := a.pending.StopPair(ctx, args[0])
+			st, err := a.ops.StopPair(ctx, args[0])
 			if err != nil {
 				return err
 			}

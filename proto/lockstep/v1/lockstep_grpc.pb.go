@@ -113,8 +113,10 @@ type PairServiceClient interface {
 	Drill(ctx context.Context, in *DrillRequest, opts ...grpc.CallOption) (*DrillResponse, error)
 	// Console attaches to the serial console of the pair's primary, asked of the agent of the
 	// host that runs it: the first request names the pair, every request's input goes to the
-	// guest's serial port, and the responses carry what the guest writes. Errors: NOT_FOUND;
-	// FAILED_PRECONDITION when no primary runs here.
+	// guest's serial port, and the responses carry what the guest writes; the first response,
+	// empty, says the console is attached. One console at a time per pair. The stream ends
+	// (UNAVAILABLE) when the primary's QEMU does: after a failover, attach again. Errors:
+	// NOT_FOUND; FAILED_PRECONDITION when no primary runs here or a console is attached.
 	Console(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConsoleRequest, ConsoleResponse], error)
 }
 
@@ -318,8 +320,10 @@ type PairServiceServer interface {
 	Drill(context.Context, *DrillRequest) (*DrillResponse, error)
 	// Console attaches to the serial console of the pair's primary, asked of the agent of the
 	// host that runs it: the first request names the pair, every request's input goes to the
-	// guest's serial port, and the responses carry what the guest writes. Errors: NOT_FOUND;
-	// FAILED_PRECONDITION when no primary runs here.
+	// guest's serial port, and the responses carry what the guest writes; the first response,
+	// empty, says the console is attached. One console at a time per pair. The stream ends
+	// (UNAVAILABLE) when the primary's QEMU does: after a failover, attach again. Errors:
+	// NOT_FOUND; FAILED_PRECONDITION when no primary runs here or a console is attached.
 	Console(grpc.BidiStreamingServer[ConsoleRequest, ConsoleResponse]) error
 	mustEmbedUnimplementedPairServiceServer()
 }

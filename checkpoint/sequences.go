@@ -132,6 +132,13 @@ func protect(name string, c ProtectConfig) Sequence {
 	local := s != nil
 	delay := uint32(c.Spec.Tunables.CheckpointDelay / time.Millisecond)
 	compareMS := int(c.Spec.Tunables.CompareTimeout / time.Millisecond)
+	// The filters and colo-compare must agree with the NIC on the virtio-net header.
+	vnet := func(props map[string]any) map[string]any {
+		if VnetHdr(c.Spec) {
+			props["vnet_hdr_support"] = true
+		}
+		return props
+	}
 
 	steps := []Step{
 		{Name: "probe QEMUs", Timeout: 15 * time.Second, Run: func(ctx context.Context) error {
@@ -213,24 +220,24 @@ func protect(name string, c ProtectConfig) Sequence {
 			return waitChardevsConnected(ctx, p, chMirror, chCompare)
 		}},
 		Step{Name: "primary: object-add " + objMirror + " (off)", Run: func(ctx context.Context) error {
-			return p.ObjectAdd(ctx, "filter-mirror", objMirror, map[string]any{
-				"netdev": NetdevID, "queue": "tx", "outdev": chMirror, "status": "off"})
+			return p.ObjectAdd(ctx, "filter-mirror", objMirror, vnet(map[string]any{
+				"netdev": NetdevID, "queue": "tx", "outdev": chMirror, "status": "off"}))
 		}},
 		Step{Name: "primary: object-add " + objRedirIn + " (off)", Run: func(ctx context.Context) error {
-			return p.ObjectAdd(ctx, "filter-redirector", objRedirIn, map[string]any{
-				"netdev": NetdevID, "queue": "rx", "indev": chCompareOut, "status": "off"})
+			return p.ObjectAdd(ctx, "filter-redirector", objRedirIn, vnet(map[string]any{
+				"netdev": NetdevID, "queue": "rx", "indev": chCompareOut, "status": "off"}))
 		}},
 		Step{Name: "primary: object-add " + objRedirOut + " (off)", Run: func(ctx context.Context) error {
-			return p.ObjectAdd(ctx, "filter-redirector", objRedirOut, map[string]any{
-				"netdev": NetdevID, "queue": "rx", "outdev": chCompareIn, "status": "off"})
+			return p.ObjectAdd(ctx, "filter-redirector", objRedirOut, vnet(map[string]any{
+				"netdev": NetdevID, "queue": "rx", "outdev": chCompareIn, "status": "off"}))
 		}},
 		Step{Name: "primary: object-add " + objIOThread, Run: func(ctx context.Context) error {
 			return p.ObjectAdd(ctx, "iothread", objIOThread, nil)
 		}},
 		Step{Name: "primary: object-add " + objCompare, Run: func(ctx context.Context) error {
-			return p.ObjectAdd(ctx, "colo-compare", objCompare, map[string]any{
+			return p.ObjectAdd(ctx, "colo-compare", objCompare, vnet(map[string]any{
 				"primary_in": chCompareIn0, "secondary_in": chCompare, "outdev": chCompareOut0,
-				"iothread": objIOThread, "compare_timeout": compareMS})
+				"iothread": objIOThread, "compare_timeout": compareMS}))
 		}},
 		Step{Name: "primary: migrate-set-capabilities", Run: func(ctx context.Context) error {
 			return p.MigrateSetCapabilities(ctx, coloCaps(pf, qmp.CapEvents, qmp.CapPauseBeforeSwitchover))

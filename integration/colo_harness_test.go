@@ -153,6 +153,12 @@ func newPairEnvBase(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay 
 		defer e.mu.Unlock()
 		for _, vm := range e.vms {
 			vm.Kill()
+			if t.Failed() {
+				// What the guest said: a failed test's first question is whether it crashed.
+				if b, err := os.ReadFile(filepath.Join(vm.Side.RunDir, "console.log")); err == nil {
+					t.Logf("guest console of the %s in %s:\n%s", vm.Role, vm.Side.RunDir, consoleExcerpt(b))
+				}
+			}
 		}
 	})
 	return e

@@ -150,6 +150,13 @@ type Report struct {
 	TraceAgrees, ReplayTCP, TraceOnly int
 	// StaleArrivals and StaleHarmless are the Model's, over the window.
 	StaleArrivals, StaleHarmless int
+	// HeldMatch and HeldFlush are how long the primary's TCP data packets waited in
+	// colo-compare, released by a match or by a checkpoint's flush; of the flushed ones,
+	// FlushTwinHeld had the secondary's twin in the queue (unmatched), FlushTwinLate got it
+	// after the flush (LateBy later), FlushTwinNever never did.
+	HeldMatch, HeldFlush                         []time.Duration
+	FlushTwinHeld, FlushTwinLate, FlushTwinNever int
+	LateBy                                       []time.Duration
 }
 
 func (r *Report) count(p *Pkt) {
@@ -276,6 +283,28 @@ func Analyze(in Input) Report {
 			}
 		}
 	}
+	inWin := func(t time.Time) bool {
+		return (in.From.IsZero() || !t.Before(in.From)) && (in.To.IsZero() || !t.After(in.To))
+	}
+	for _, h := range m.Holds {
+		if !inWin(h.P.Time) {
+			continue
+		}
+		if !h.ByFlush {
+			rep.HeldMatch = append(rep.HeldMatch, h.Held())
+			continue
+		}
+		rep.HeldFlush = append(rep.HeldFlush, h.Held())
+		switch {
+		case h.TwinHeld:
+			rep.FlushTwinHeld++
+		case !h.TwinLate.IsZero():
+			rep.FlushTwinLate++
+			rep.LateBy = append(rep.LateBy, h.TwinLate.Sub(h.Released))
+		default:
+			rep.FlushTwinNever++
+		}
+	}
 	for _, c := range cps {
 		if (!in.From.IsZero() && c.Request.Before(in.From)) || (!in.To.IsZero() && c.Request.After(in.To)) {
 			continue
@@ -317,6 +346,16 @@ func (m Mismatch) Describe() string {
 	src := netip.AddrPortFrom(netip.AddrFrom4(m.Key.Src), m.Key.SrcPort)
 	dst := netip.AddrPortFrom(netip.AddrFrom4(m.Key.Dst), m.Key.DstPort)
 	return fmt.Sprintf("%s %v->%v compare_seq %d: primary %s | secondary %s", m.Time.Format("15:04:05.000000"), src, dst, m.CompareSeq, f(m.P), f(m.S))
+}
+
+func p50max(ds []time.Duration) string {
+	if len(ds) == 0 {
+		return "-"
+	}
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	r := func(d time.Duration) string { return d.Round(time.Millisecond).String() }
+	return r(s[len(s)/2]) + "/" + r(s[len(s)-1])
 }
 
 func truncate(b []byte, n int) string {
@@ -368,6 +407,16 @@ func Table(names []string, reps []Report) string {
 	row("secondary data after the flush of its twin: all / dropped", func(r Report) string {
 		return fmt.Sprintf("%d/%d", r.StaleArrivals, r.StaleHarmless)
 	})
+	row("primary data released on a match: n, held p50/max", func(r Report) string {
+		return fmt.Sprintf("%d %s", len(r.HeldMatch), p50max(r.HeldMatch))
+	})
+	row("primary data released by a flush: n, held p50/max", func(r Report) string {
+		return fmt.Sprintf("%d %s", len(r.HeldFlush), p50max(r.HeldFlush))
+	})
+	row("  secondary twin: unmatched in queue / late / never", func(r Report) string {
+		return fmt.Sprintf("%d/%d/%d", r.FlushTwinHeld, r.FlushTwinLate, r.FlushTwinNever)
+	})
+	row("  late twins: after the flush p50/max", func(r Report) string { return p50max(r.LateBy) })
 	row("  not IPv4 (passed uncompared) / IPv4 not TCP", func(r Report) string { return fmt.Sprintf("%d/%d", r.Unsupported, r.OtherIP) })
 	return b.String()
 }

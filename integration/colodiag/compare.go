@@ -109,6 +109,8 @@ type conn struct {
 	flushedEnd uint32
 	flushed    bool
 	flushedAt  time.Time
+	// flushedHolds are the flushed data packets whose secondary twin has not come yet.
+	flushedHolds []*Hold
 }
 
 // Mismatch is a comparison colo-compare found different (it then asks for a checkpoint).
@@ -145,6 +147,45 @@ type Model struct {
 	// on their way when the flush came); StaleHarmless those of them that colo-compare drops as
 	// already compared (at or below compare_seq), the rest head the secondary's queue.
 	StaleArrivals, StaleHarmless int
+	// Holds are the primary's TCP data packets released, with how long colo-compare held each.
+	Holds []*Hold
+}
+
+// Hold is how one primary TCP data packet left colo-compare.
+type Hold struct {
+	P *Pkt
+	// Released is when: at its match, or at a checkpoint's flush (ByFlush).
+	Released time.Time
+	ByFlush  bool
+	// For a flushed packet: TwinHeld is set when the secondary's packet of the same data was
+	// in the queue at the flush yet did not match; TwinLate is when the secondary's packet came
+	// after the flush (zero: never, within the capture).
+	TwinHeld bool
+	TwinLate time.Time
+}
+
+// Held is how long colo-compare held the packet.
+func (h *Hold) Held() time.Duration { return h.Released.Sub(h.P.Time) }
+
+func (m *Model) release(c *conn, p *Pkt, t time.Time, byFlush bool) {
+	if byFlush {
+		m.ReleasedFlush++
+	} else {
+		m.ReleasedMatch++
+	}
+	if p.Proto != protoTCP || p.TrueLen == 0 {
+		return
+	}
+	h := &Hold{P: p, Released: t, ByFlush: byFlush}
+	if byFlush {
+		for _, s := range c.s {
+			if s.Seq == p.Seq && s.TrueLen == p.TrueLen {
+				h.TwinHeld = true
+			}
+		}
+		c.flushedHolds = append(c.flushedHolds, h)
+	}
+	m.Holds = append(m.Holds, h)
 }
 
 // NewModel returns an empty colo-compare.
@@ -203,6 +244,16 @@ func (m *Model) Add(p *Pkt) {
 			c.pack = p.Ack
 			c.p = insertSorted(c.p, p)
 		} else {
+			for i, h := range c.flushedHolds {
+				if h.P.Seq == p.Seq && h.P.TrueLen == p.TrueLen && !h.TwinHeld {
+					h.TwinLate = p.Time
+					c.flushedHolds = append(c.flushedHolds[:i], c.flushedHolds[i+1:]...)
+					break
+				}
+			}
+			if len(c.flushedHolds) > 64 {
+				c.flushedHolds = c.flushedHolds[len(c.flushedHolds)-64:]
+			}
 			if p.TrueLen > 0 && c.flushed && p.Time.After(c.flushedAt) && !after(p.Seq+uint32(p.TrueLen), c.flushedEnd) {
 				m.StaleArrivals++
 				if c.compareSeq != 0 && !after(p.SeqEnd, c.compareSeq) {
@@ -248,11 +299,11 @@ sec:
 	}
 	spkt = popTail(&c.s)
 	if ppkt.Seq == ppkt.SeqEnd {
-		m.ReleasedMatch++ // released without comparison, as a packet without payload
+		m.release(c, ppkt, now, false) // released without comparison, as a packet without payload
 		ppkt = nil
 	}
 	if ppkt != nil && c.compareSeq != 0 && !after(ppkt.SeqEnd, c.compareSeq) {
-		m.ReleasedMatch++ // "pri: this packet has compared"
+		m.release(c, ppkt, now, false) // "pri: this packet has compared"
 		ppkt = nil
 	}
 	if spkt.Seq == spkt.SeqEnd {
@@ -276,7 +327,7 @@ sec:
 		switch mark {
 		case freePrimary:
 			c.compareSeq = ppkt.SeqEnd
-			m.ReleasedMatch++
+			m.release(c, ppkt, now, false)
 			pushTail(&c.s, spkt)
 			goto pri
 		case freeSecondary:
@@ -284,7 +335,7 @@ sec:
 			goto sec
 		default:
 			c.compareSeq = ppkt.SeqEnd
-			m.ReleasedMatch++
+			m.release(c, ppkt, now, false)
 			goto pri
 		}
 	}
@@ -336,7 +387,7 @@ func (m *Model) comparePacket(c *conn, now time.Time) {
 			}
 		}
 		if found >= 0 {
-			m.ReleasedMatch++
+			m.release(c, p, now, false)
 			c.s = append(c.s[:found], c.s[found+1:]...)
 			continue
 		}
@@ -363,7 +414,7 @@ func (m *Model) Flush(t time.Time) {
 	for _, c := range m.order {
 		for len(c.p) > 0 {
 			p := popTail(&c.p)
-			m.ReleasedFlush++
+			m.release(c, p, t, true)
 			if p.Proto == protoTCP && (!c.flushed || after(p.SeqEnd, c.flushedEnd)) {
 				c.flushedEnd, c.flushed, c.flushedAt = p.SeqEnd, true, t
 			}

@@ -275,3 +275,14 @@ func TestCauseTraceReadsPastHoles(t *testing.T) {
 		t.Errorf("the trace file holds %d bytes on disk of %d after %d lines read, want the read part given back", st.Blocks*512, size, total)
 	}
 }
+
+func TestExpiredScanCycle(t *testing.T) {
+	for _, tc := range []struct {
+		timeout time.Duration
+		want    int
+	}{{100 * time.Millisecond, 20}, {10 * time.Millisecond, 10}, {3 * time.Second, 600}, {time.Minute, 1000}} {
+		if got := checkpoint.ExpiredScanCycle(tc.timeout); got != tc.want {
+			t.Errorf("ExpiredScanCycle(%v) = %d ms, want %d", tc.timeout, got, tc.want)
+		}
+	}
+}

@@ -132,6 +132,7 @@ func protect(name string, c ProtectConfig) Sequence {
 	local := s != nil
 	delay := uint32(c.Spec.Tunables.CheckpointDelay / time.Millisecond)
 	compareMS := int(c.Spec.Tunables.CompareTimeout / time.Millisecond)
+	scanMS := ExpiredScanCycle(c.Spec.Tunables.CompareTimeout)
 	// The filters and colo-compare must agree with the NIC on the virtio-net header.
 	vnet := func(props map[string]any) map[string]any {
 		if VnetHdr(c.Spec) {
@@ -237,7 +238,7 @@ func protect(name string, c ProtectConfig) Sequence {
 		Step{Name: "primary: object-add " + objCompare, Run: func(ctx context.Context) error {
 			return p.ObjectAdd(ctx, "colo-compare", objCompare, vnet(map[string]any{
 				"primary_in": chCompareIn0, "secondary_in": chCompare, "outdev": chCompareOut0,
-				"iothread": objIOThread, "compare_timeout": compareMS}))
+				"iothread": objIOThread, "compare_timeout": compareMS, "expired_scan_cycle": scanMS}))
 		}},
 		Step{Name: "primary: migrate-set-capabilities", Run: func(ctx context.Context) error {
 			return p.MigrateSetCapabilities(ctx, coloCaps(pf, qmp.CapEvents, qmp.CapPauseBeforeSwitchover))
@@ -326,6 +327,14 @@ func protect(name string, c ProtectConfig) Sequence {
 			migFile.Close() // QEMU holds its own copy
 		}
 	}}
+}
+
+// ExpiredScanCycle is how often (ms) colo-compare looks for primary packets older than
+// compare_timeout: a fifth of it, 10 ms to 1 s. QEMU's own default scans every second, so a
+// compare_timeout under a second would take effect only at the next scan, up to a second
+// later.
+func ExpiredScanCycle(compareTimeout time.Duration) int {
+	return int(min(max(compareTimeout/5, 10*time.Millisecond), time.Second) / time.Millisecond)
 }
 
 // waitChardevsConnected polls query-chardev until every named socket server has its client.

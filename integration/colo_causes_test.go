@@ -41,6 +41,9 @@ type causeRun struct {
 	// retrans and segs are the client's TCP retransmissions and segments sent (bridge LAN
 	// only: slirp's own are not visible); -1 when unknown.
 	retrans, segs int64
+	// slow counts the requests answered after more than 200 ms (Linux's minimum
+	// retransmission timeout), of n.
+	slow, n int
 }
 
 // BenchmarkColoCauses counts the checkpoints of a protected pair by cause, on the hub LAN (a
@@ -92,17 +95,20 @@ func BenchmarkColoCauses(b *testing.B) {
 		reps = append(reps, r.report)
 	}
 	fmt.Printf("\ncheckpoints by cause, QEMU %s (TCG), x-checkpoint-delay 200ms, %d s per workload\n\n%s\n", q.Version, secs, colodiag.Table(names, reps))
-	fmt.Printf("%-26s %10s %10s %8s %10s %10s %10s %16s\n", "workload", "ops/s", "ckpt/s", "early", "pause p50", "pause p99", "max wait", "client retrans")
+	fmt.Printf("%-26s %10s %10s %8s %10s %10s %10s %12s %16s\n", "workload", "ops/s", "ckpt/s", "early", "pause p50", "pause p99", "max wait", "wait >200ms", "client retrans")
 	for _, r := range runs {
 		rt := "-"
 		if r.retrans >= 0 {
 			rt = fmt.Sprintf("%d of %d", r.retrans, r.segs)
 		}
-		fmt.Printf("%-26s %10.1f %10.1f %7.0f%% %10v %10v %10v %16s\n", r.name, r.ops, r.stats.Rate,
+		fmt.Printf("%-26s %10.1f %10.1f %7.0f%% %10v %10v %10v %12s %16s\n", r.name, r.ops, r.stats.Rate,
 			100*float64(r.stats.Early)/float64(max(r.stats.Checkpoints, 1)), r.stats.PauseP50.Round(100*time.Microsecond),
-			r.stats.PauseP99.Round(100*time.Microsecond), r.maxWait.Round(time.Millisecond), rt)
+			r.stats.PauseP99.Round(100*time.Microsecond), r.maxWait.Round(time.Millisecond), fmt.Sprintf("%d of %d", r.slow, r.n), rt)
 	}
 	for _, r := range runs {
+		for _, ex := range r.report.NeverExamples {
+			fmt.Printf("%s, a reply the secondary never sent: %s\n", r.name, ex)
+		}
 		for _, c := range colodiag.AllCauses {
 			for _, ex := range r.examples[c] {
 				fmt.Printf("%s, %s: %s\n", r.name, c, ex)
@@ -120,6 +126,12 @@ func causeBench(b *testing.B, q *qemuenv.QEMU, kernel, initrd, lan, model string
 	}
 	if model == "virtio" {
 		e.spec.NIC.Model = "virtio-net-pci"
+	}
+	// LOCKSTEP_CAUSES_NOREWRITER=1 measures without the secondary's filter-rewriter.
+	e.spec.Tunables.NoRewriter = os.Getenv("LOCKSTEP_CAUSES_NOREWRITER") == "1"
+	// LOCKSTEP_CAUSES_COMPARE_TIMEOUT (a duration) sets colo-compare's compare_timeout.
+	if d, err := time.ParseDuration(os.Getenv("LOCKSTEP_CAUSES_COMPARE_TIMEOUT")); err == nil {
+		e.spec.Tunables.CompareTimeout = d
 	}
 	name := lan + " " + model
 	e.log = nil
@@ -202,21 +214,28 @@ func causeBench(b *testing.B, q *qemuenv.QEMU, kernel, initrd, lan, model string
 	wins = append(wins, window{t0, time.Now()})
 	w.mu.Lock()
 	mw := w.maxWait
+	slow, total := 0, 0
+	for i := int(a0); i < len(w.ackAt); i++ {
+		total++
+		if w.ackAt[i].Sub(w.sentAt[i]) > 200*time.Millisecond {
+			slow++
+		}
+	}
 	w.mu.Unlock()
 	w.verify(b)
-	runs = append(runs, causeRun{name: name + " records", stats: st, ops: rate, maxWait: mw, retrans: r1 - r0, segs: o1 - o0})
+	runs = append(runs, causeRun{name: name + " records", stats: st, ops: rate, maxWait: mw, retrans: r1 - r0, segs: o1 - o0, slow: slow, n: total})
 
 	// Request/response: a new connection per request.
 	time.Sleep(time.Second)
 	p.obs.Reset()
 	r0, o0 = tcp()
 	t1 := time.Now()
-	n, longest := reqResp(b, e, phase, 20*time.Millisecond)
+	n, longest, slowReq := reqResp(b, e, phase, 20*time.Millisecond)
 	st = p.obs.Stats()
 	r1, o1 = tcp()
 	wins = append(wins, window{t1, time.Now()})
 	runs = append(runs, causeRun{name: name + " req/resp", stats: st, ops: float64(n) / time.Since(t1).Seconds(), maxWait: longest,
-		retrans: r1 - r0, segs: o1 - o0})
+		retrans: r1 - r0, segs: o1 - o0, slow: slowReq, n: n})
 
 	frames, cerr := capt.Stop()
 	capt = nil
@@ -235,9 +254,13 @@ func causeBench(b *testing.B, q *qemuenv.QEMU, kernel, initrd, lan, model string
 	if err != nil {
 		b.Fatal(err)
 	}
+	mirror, err := colodiag.ChannelPackets(frames, func(src, dst uint16) bool { return int(src) == gen.Ports.Mirror }, checkpoint.VnetHdr(e.spec))
+	if err != nil {
+		b.Fatal(err)
+	}
 	b.Logf("%s %s: %d trace events, %d primary and %d secondary frames to colo-compare", lan, model, len(trace), len(pin), len(sin))
 	for i := range runs {
-		runs[i].report = colodiag.Analyze(colodiag.Input{Trace: trace, Primary: pin, Secondary: sin,
+		runs[i].report = colodiag.Analyze(colodiag.Input{Trace: trace, Primary: pin, Secondary: sin, Mirror: mirror,
 			Delay: e.spec.Tunables.CheckpointDelay, From: wins[i].from, To: wins[i].to})
 		runs[i].examples = map[colodiag.Cause][]string{}
 		for _, cp := range runs[i].report.Checkpoints {
@@ -264,8 +287,9 @@ func guestHasModule(name string) bool {
 }
 
 // reqResp runs the request/response workload for d: every interval a new connection, one
-// ping and its reply, closed again. It returns the requests answered and the longest one.
-func reqResp(b *testing.B, e *pairEnv, d, interval time.Duration) (int, time.Duration) {
+// ping and its reply, closed again. It returns the requests answered, the longest one and how
+// many took more than 200 ms.
+func reqResp(b *testing.B, e *pairEnv, d, interval time.Duration) (int, time.Duration, int) {
 	var dial client.Dialer
 	addr := ""
 	if e.lan != nil {
@@ -275,7 +299,7 @@ func reqResp(b *testing.B, e *pairEnv, d, interval time.Duration) (int, time.Dur
 		dial, addr = nd.DialContext, e.hub.ClientURL
 	}
 	end := time.Now().Add(d)
-	n := 0
+	n, slow := 0, 0
 	var longest time.Duration
 	for time.Now().Before(end) {
 		t0 := time.Now()
@@ -293,10 +317,14 @@ func reqResp(b *testing.B, e *pairEnv, d, interval time.Duration) (int, time.Dur
 			b.Fatalf("request %d: %v", n+1, err)
 		}
 		n++
-		longest = max(longest, time.Since(t0))
+		took := time.Since(t0)
+		longest = max(longest, took)
+		if took > 200*time.Millisecond {
+			slow++
+		}
 		time.Sleep(interval)
 	}
-	return n, longest
+	return n, longest, slow
 }
 
 // startChannelCapture captures, on the loopback of the namespace where the QEMUs run (ns; nil
@@ -307,13 +335,13 @@ func startChannelCapture(ns *netlab.Node, ports checkpoint.Ports) (*colodiag.Cap
 	if ns != nil {
 		enter = ns.Do
 	}
-	ci, cmp := uint16(ports.CompareIn), uint16(ports.Compare)
+	ci, cmp, mir := uint16(ports.CompareIn), uint16(ports.Compare), uint16(ports.Mirror)
 	return colodiag.StartCapture("lo", enter, func(eth []byte, out bool) bool {
 		if out {
 			return false // loopback shows every frame twice
 		}
 		s, ok := colodiag.ParseSegment(eth)
-		return ok && (s.Src.Port() == ci || s.Dst.Port() == cmp)
+		return ok && (s.Src.Port() == ci || s.Dst.Port() == cmp || s.Src.Port() == mir)
 	})
 }
 

@@ -125,6 +125,10 @@ type Input struct {
 	// Primary and Secondary are the frames that reached colo-compare from each side
 	// (ChannelPackets of the primary_in and secondary_in channels).
 	Primary, Secondary []ChannelPacket
+	// Mirror, when given, is the primary's mirror channel: the guest's input as the secondary
+	// receives it. It tells, for a reply the secondary never matched, when the request that it
+	// answers reached the secondary.
+	Mirror []ChannelPacket
 	// Delay is x-checkpoint-delay; a checkpoint sooner than EarlyFraction of it after the
 	// previous one is early.
 	Delay time.Duration
@@ -157,6 +161,13 @@ type Report struct {
 	HeldMatch, HeldFlush                         []time.Duration
 	FlushTwinHeld, FlushTwinLate, FlushTwinNever int
 	LateBy                                       []time.Duration
+	// For the flushed replies whose twin never came (Input.Mirror given): where the input
+	// they acknowledge reached the secondary: while it was stopped for a checkpoint (between
+	// the primary's checkpoint-request and the secondary's vmstate-loaded), while it ran, or
+	// not at all.
+	NeverInputStopped, NeverInputRunning, NeverInputMissing int
+	// NeverExamples describe a few of them.
+	NeverExamples []string
 }
 
 func (r *Report) count(p *Pkt) {
@@ -283,6 +294,56 @@ func Analyze(in Input) Report {
 			}
 		}
 	}
+	// The mirrored input, by connection (as the guest sees it: client to guest) and end
+	// sequence number.
+	type inputKey struct {
+		k   ConnKey
+		end uint32
+	}
+	mirrored := map[inputKey]time.Time{}
+	for _, cp := range in.Mirror {
+		p := NewPkt(cp.Time, cp.Frame, false)
+		if !p.IPv4 || p.Proto != protoTCP || p.TrueLen == 0 {
+			continue
+		}
+		k := ConnKey{Src: p.Key.Dst, Dst: p.Key.Src, SrcPort: p.Key.DstPort, DstPort: p.Key.SrcPort, Proto: protoTCP}
+		ik := inputKey{k, p.Seq + uint32(p.TrueLen)}
+		if _, ok := mirrored[ik]; !ok {
+			mirrored[ik] = cp.Time
+		}
+	}
+	// stopped reports whether the secondary was stopped for a checkpoint at t: from the
+	// request (it stops on receiving it) to vmstate-loaded (it has resumed by then).
+	var stops [][2]time.Time
+	var replies []time.Time // checkpoint-reply received: the primary stops right after
+	var reqAt time.Time
+	for _, ev := range in.Trace {
+		switch {
+		case ev.Name == checkpoint.TraceSendMessage && ev.Message == "checkpoint-request":
+			reqAt = ev.Time
+		case ev.Name == checkpoint.TraceReceiveMessage && ev.Message == "checkpoint-reply" && !reqAt.IsZero():
+			replies = append(replies, ev.Time)
+		case ev.Name == checkpoint.TraceReceiveMessage && ev.Message == "vmstate-loaded" && !reqAt.IsZero():
+			stops = append(stops, [2]time.Time{reqAt, ev.Time})
+			reqAt = time.Time{}
+		}
+	}
+	window := func(t time.Time) string {
+		i := sort.Search(len(stops), func(i int) bool { return !stops[i][1].Before(t) })
+		if i >= len(stops) {
+			return ""
+		}
+		r := ""
+		if i < len(replies) {
+			r = fmt.Sprintf(", primary stopped at +%v", replies[i].Sub(stops[i][0]).Round(10*time.Microsecond))
+		}
+		return fmt.Sprintf(" (checkpoint request at %s%s, secondary resumed by +%v)", stops[i][0].Format("15:04:05.000000"), r,
+			stops[i][1].Sub(stops[i][0]).Round(10*time.Microsecond))
+	}
+	stopped := func(t time.Time) bool {
+		i := sort.Search(len(stops), func(i int) bool { return !stops[i][1].Before(t) })
+		return i < len(stops) && !t.Before(stops[i][0])
+	}
 	inWin := func(t time.Time) bool {
 		return (in.From.IsZero() || !t.Before(in.From)) && (in.To.IsZero() || !t.After(in.To))
 	}
@@ -303,6 +364,25 @@ func Analyze(in Input) Report {
 			rep.LateBy = append(rep.LateBy, h.TwinLate.Sub(h.Released))
 		default:
 			rep.FlushTwinNever++
+			if in.Mirror == nil {
+				break
+			}
+			at, ok := mirrored[inputKey{h.P.Key, h.P.Ack}]
+			where := "never mirrored"
+			switch {
+			case !ok:
+				rep.NeverInputMissing++
+			case stopped(at):
+				rep.NeverInputStopped++
+				where = "mirrored while the secondary was stopped"
+			default:
+				rep.NeverInputRunning++
+				where = "mirrored while the secondary ran"
+			}
+			if len(rep.NeverExamples) < 4 {
+				rep.NeverExamples = append(rep.NeverExamples, fmt.Sprintf("reply seq %d+%d at %s held %v: the input it acknowledges (to %d) %s at %s%s",
+					h.P.Seq, h.P.TrueLen, h.P.Time.Format("15:04:05.000000"), h.Held().Round(time.Millisecond), h.P.Ack, where, at.Format("15:04:05.000000"), window(at)))
+			}
 		}
 	}
 	for _, c := range cps {
@@ -417,6 +497,9 @@ func Table(names []string, reps []Report) string {
 		return fmt.Sprintf("%d/%d/%d", r.FlushTwinHeld, r.FlushTwinLate, r.FlushTwinNever)
 	})
 	row("  late twins: after the flush p50/max", func(r Report) string { return p50max(r.LateBy) })
+	row("  never: input mirrored with the secondary stopped/running/not", func(r Report) string {
+		return fmt.Sprintf("%d/%d/%d", r.NeverInputStopped, r.NeverInputRunning, r.NeverInputMissing)
+	})
 	row("  not IPv4 (passed uncompared) / IPv4 not TCP", func(r Report) string { return fmt.Sprintf("%d/%d", r.Unsupported, r.OtherIP) })
 	return b.String()
 }

@@ -89,6 +89,9 @@ type CauseTrace struct {
 	partial []byte
 }
 
+// CauseTraceFile is the cause trace's file name in a side's run folder (QEMU can reach it).
+const CauseTraceFile = "colo-trace.log"
+
 // punchEvery is how much read data accumulates before it is given back.
 const punchEvery = 1 << 20
 

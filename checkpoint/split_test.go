@@ -2,6 +2,7 @@ package checkpoint_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"slices"
@@ -21,7 +22,7 @@ func fakeProbe(srv *qmptest.Server, major, minor, micro int) {
 	schema := `[{"name":"query-migrate-capabilities","meta-type":"command","arg-type":"9"},{"name":"blockdev-add","meta-type":"command","arg-type":"0"},{"name":"0","meta-type":"object","members":[],"variants":[{"case":"nbd","type":"1"}]}]`
 	srv.Handle("query-version", qmptest.Return(map[string]any{"qemu": map[string]int{"major": major, "minor": minor, "micro": micro}}))
 	srv.Handle("query-qmp-schema", func(c *qmptest.Conn, r *qmptest.Request) {
-		c.Send(`{"return": ` + schema + `, "id": ` + string(r.ID) + `}`)
+		c.Reply(r, json.RawMessage(schema))
 	})
 	srv.Handle("query-migrate-capabilities", qmptest.Return([]qmp.MigrationCapability{{Capability: "x-colo"}, {Capability: "return-path"}, {Capability: "events"}, {Capability: "pause-before-switchover"}}))
 }

@@ -44,6 +44,8 @@ type causeRun struct {
 	// slow counts the requests answered after more than 200 ms (Linux's minimum
 	// retransmission timeout), of n.
 	slow, n int
+	// pauses are the parts of each checkpoint's pause, from the primary's trace.
+	pauses []colodiag.PauseParts
 }
 
 // BenchmarkColoCauses counts the checkpoints of a protected pair by cause, on the hub LAN (a
@@ -95,6 +97,11 @@ func BenchmarkColoCauses(b *testing.B) {
 		reps = append(reps, r.report)
 	}
 	fmt.Printf("\ncheckpoints by cause, QEMU %s (TCG), x-checkpoint-delay 200ms, %d s per workload\n\n%s\n", q.Version, secs, colodiag.Table(names, reps))
+	var sets [][]colodiag.PauseParts
+	for _, r := range runs {
+		sets = append(sets, r.pauses)
+	}
+	fmt.Printf("%s\n", colodiag.PauseTable(names, sets))
 	fmt.Printf("%-26s %10s %10s %8s %10s %10s %10s %12s %16s\n", "workload", "ops/s", "ckpt/s", "early", "pause p50", "pause p99", "max wait", "wait >200ms", "client retrans")
 	for _, r := range runs {
 		rt := "-"
@@ -262,6 +269,7 @@ func causeBench(b *testing.B, q *qemuenv.QEMU, kernel, initrd, lan, model string
 	for i := range runs {
 		runs[i].report = colodiag.Analyze(colodiag.Input{Trace: trace, Primary: pin, Secondary: sin, Mirror: mirror,
 			Delay: e.spec.Tunables.CheckpointDelay, From: wins[i].from, To: wins[i].to})
+		runs[i].pauses = colodiag.Pauses(trace, wins[i].from, wins[i].to)
 		runs[i].examples = map[colodiag.Cause][]string{}
 		for _, cp := range runs[i].report.Checkpoints {
 			if cp.Mismatch != nil && len(runs[i].examples[cp.Cause]) < 2 {

@@ -2,6 +2,8 @@ package colodiag
 
 import (
 	"encoding/binary"
+
+	"github.com/lockstepvm/lockstep/checkpoint"
 	"net/netip"
 	"testing"
 	"time"
@@ -218,5 +220,39 @@ func TestChannelPackets(t *testing.T) {
 	}
 	if !got[0].Time.Equal(at(1001)) || !got[1].Time.Equal(at(1021)) {
 		t.Errorf("times %v %v: want when each packet's last byte came", got[0].Time, got[1].Time)
+	}
+}
+
+func TestPauses(t *testing.T) {
+	lines := []string{
+		"2026-12-02T13:05:21.033148Z colo_send_message Send 'checkpoint-request' message",
+		"2026-12-02T13:05:21.033659Z colo_receive_message Receive 'checkpoint-reply' message",
+		"2026-12-02T13:05:21.033988Z colo_vm_state_change Change 'run' => 'stop'",
+		"2026-12-02T13:05:21.034002Z colo_send_message Send 'vmstate-send' message",
+		"2026-12-02T13:05:21.038285Z colo_send_message Send 'vmstate-size' message",
+		"2026-12-02T13:05:21.041061Z colo_receive_message Receive 'vmstate-received' message",
+		"2026-12-02T13:05:21.044120Z colo_receive_message Receive 'vmstate-loaded' message",
+		"2026-12-02T13:05:21.044224Z colo_vm_state_change Change 'stop' => 'run'",
+		// A checkpoint the trace caught halfway is left out.
+		"2026-12-02T13:05:21.238735Z colo_receive_message Receive 'vmstate-received' message",
+		"2026-12-02T13:05:21.243371Z colo_vm_state_change Change 'stop' => 'run'",
+	}
+	var evs []checkpoint.TraceEvent
+	for _, l := range lines {
+		ev, ok := checkpoint.ParseTraceLine(l)
+		if !ok {
+			t.Fatalf("unparsed %q", l)
+		}
+		evs = append(evs, ev)
+	}
+	ps := Pauses(evs, time.Time{}, time.Time{})
+	if len(ps) != 1 {
+		t.Fatalf("%d checkpoints, want 1", len(ps))
+	}
+	p := ps[0]
+	us := func(n int) time.Duration { return time.Duration(n) * time.Microsecond }
+	if p.SecondaryStop != us(511) || p.Stop != us(329) || p.RAMAndDevices != us(4283) || p.SecondaryLoad != us(3059) ||
+		p.Resume != us(104) || p.Pause != us(10236) {
+		t.Errorf("parts %+v", p)
 	}
 }

@@ -158,6 +158,7 @@ func newPairEnvBase(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay 
 				if b, err := os.ReadFile(filepath.Join(vm.Side.RunDir, "console.log")); err == nil {
 					t.Logf("guest console of the %s in %s:\n%s", vm.Role, vm.Side.RunDir, consoleExcerpt(b))
 				}
+				t.Logf("QEMU log of the %s: %s", vm.Role, vm.LogTail())
 			}
 		}
 	})

@@ -2,6 +2,7 @@ package checkpoint_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -424,7 +425,7 @@ func TestProtectStopsAtRefusedStep(t *testing.T) {
 	for _, srv := range []*qmptest.Server{prim, sec} {
 		srv.Handle("query-version", qmptest.Return(map[string]any{"qemu": map[string]int{"major": 11, "minor": 1, "micro": 3}}))
 		srv.Handle("query-qmp-schema", func(c *qmptest.Conn, r *qmptest.Request) {
-			c.Send(`{"return": ` + schema + `, "id": ` + string(r.ID) + `}`)
+			c.Reply(r, json.RawMessage(schema))
 		})
 		srv.Handle("query-migrate-capabilities", qmptest.Return([]qmp.MigrationCapability{{Capability: "x-colo"}, {Capability: "return-path"}, {Capability: "events"}, {Capability: "pause-before-switchover"}}))
 		srv.Handle("migrate-set-capabilities", qmptest.Return(struct{}{}))

@@ -131,7 +131,7 @@ func SecondaryArgs(s Spec, side Side, primaryHost string, ports Ports) []string 
 	if s.QEMUVersion.AtLeast(9, 2) {
 		reconnect = "reconnect-ms=100"
 	}
-	f1 := fmt.Sprintf("filter-redirector,id=%s,netdev=%s,queue=tx,indev=%s", secF1, NetdevID, secRed0)
+	f1 := fmt.Sprintf("filter-redirector,id=%s,netdev=%s,queue=tx,indev=%s%s", secF1, NetdevID, secRed0, vnetOpt(s))
 	// Only the primary's mirrored copy of the guest's input may reach the secondary's guest.
 	// Its own backend delivers frames too: every frame on the test hub, and on a bridge the
 	// broadcasts and any frame flooded before the bridge learnt the guest's MAC; each would
@@ -143,10 +143,10 @@ func SecondaryArgs(s Spec, side Side, primaryHost string, ports Ports) []string 
 		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed0, primaryHost, ports.Mirror, reconnect),
 		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed1, primaryHost, ports.Compare, reconnect),
 		"-object", f1,
-		"-object", fmt.Sprintf("filter-redirector,id=%s,netdev=%s,queue=rx,outdev=%s", secF2, NetdevID, secRed1),
+		"-object", fmt.Sprintf("filter-redirector,id=%s,netdev=%s,queue=rx,outdev=%s%s", secF2, NetdevID, secRed1, vnetOpt(s)),
 	)
 	if !s.Tunables.NoRewriter {
-		args = append(args, "-object", fmt.Sprintf("filter-rewriter,id=%s,netdev=%s,queue=all", secRewriter, NetdevID))
+		args = append(args, "-object", fmt.Sprintf("filter-rewriter,id=%s,netdev=%s,queue=all%s", secRewriter, NetdevID, vnetOpt(s)))
 	}
 	args = append(args,
 		"-drive", fmt.Sprintf("if=none,id=%s,file.filename=%s,driver=%s", ReplicaNode, escapeOpt(side.Disk), diskFormat(side)),
@@ -163,6 +163,24 @@ func SecondaryArgs(s Spec, side Side, primaryHost string, ports Ports) []string 
 		args = append(args, "-incoming", fmt.Sprintf("tcp:%s:%d", side.Host, ports.Migration))
 	}
 	return args
+}
+
+// VnetHdr reports whether the guest's NIC exchanges frames with its backend behind a
+// virtio-net header: a virtio-net NIC on a tap (lockstep leaves the tap's vnet_hdr at QEMU's
+// default, on where the kernel has it) or on a bridge (QEMU's bridge helper always opens the
+// tap with it). Every COLO filter and colo-compare must then be told (vnet_hdr_support), or
+// they take the header for the start of the Ethernet frame and no packet ever compares equal.
+// The e1000 and rtl8139 models never use the header, whatever the backend offers.
+func VnetHdr(s Spec) bool {
+	return s.NIC.Model == "virtio-net-pci" && (s.NIC.Backend == "tap" || s.NIC.Backend == "bridge")
+}
+
+// vnetOpt is the filters' command-line option for VnetHdr.
+func vnetOpt(s Spec) string {
+	if VnetHdr(s) {
+		return ",vnet_hdr_support=on"
+	}
+	return ""
 }
 
 // escapeOpt doubles commas, QEMU's escape inside an option value.

@@ -131,6 +131,14 @@ func protect(name string, c ProtectConfig) Sequence {
 	local := s != nil
 	delay := uint32(c.Spec.Tunables.CheckpointDelay / time.Millisecond)
 	compareMS := int(c.Spec.Tunables.CompareTimeout / time.Millisecond)
+	scanMS := ExpiredScanCycle(c.Spec.Tunables.CompareTimeout)
+	// The filters and colo-compare must agree with the NIC on the virtio-net header.
+	vnet := func(props map[string]any) map[string]any {
+		if VnetHdr(c.Spec) {
+			props["vnet_hdr_support"] = true
+		}
+		return props
+	}
 
 	steps := []Step{
 		{Name: stepProbe, Timeout: 15 * time.Second, Run: func(ctx context.Context) error {
@@ -212,24 +220,24 @@ func protect(name string, c ProtectConfig) Sequence {
 			return waitChardevsConnected(ctx, p, chMirror, chCompare)
 		}},
 		Step{Name: "primary: object-add " + objMirror + " (off)", Run: func(ctx context.Context) error {
-			return p.ObjectAdd(ctx, "filter-mirror", objMirror, map[string]any{
-				"netdev": NetdevID, "queue": "tx", "outdev": chMirror, "status": "off"})
+			return p.ObjectAdd(ctx, "filter-mirror", objMirror, vnet(map[string]any{
+				"netdev": NetdevID, "queue": "tx", "outdev": chMirror, "status": "off"}))
 		}},
 		Step{Name: "primary: object-add " + objRedirIn + " (off)", Run: func(ctx context.Context) error {
-			return p.ObjectAdd(ctx, "filter-redirector", objRedirIn, map[string]any{
-				"netdev": NetdevID, "queue": "rx", "indev": chCompareOut, "status": "off"})
+			return p.ObjectAdd(ctx, "filter-redirector", objRedirIn, vnet(map[string]any{
+				"netdev": NetdevID, "queue": "rx", "indev": chCompareOut, "status": "off"}))
 		}},
 		Step{Name: "primary: object-add " + objRedirOut + " (off)", Run: func(ctx context.Context) error {
-			return p.ObjectAdd(ctx, "filter-redirector", objRedirOut, map[string]any{
-				"netdev": NetdevID, "queue": "rx", "outdev": chCompareIn, "status": "off"})
+			return p.ObjectAdd(ctx, "filter-redirector", objRedirOut, vnet(map[string]any{
+				"netdev": NetdevID, "queue": "rx", "outdev": chCompareIn, "status": "off"}))
 		}},
 		Step{Name: "primary: object-add " + objIOThread, Run: func(ctx context.Context) error {
 			return p.ObjectAdd(ctx, "iothread", objIOThread, nil)
 		}},
 		Step{Name: "primary: object-add " + objCompare, Run: func(ctx context.Context) error {
-			return p.ObjectAdd(ctx, "colo-compare", objCompare, map[string]any{
+			return p.ObjectAdd(ctx, "colo-compare", objCompare, vnet(map[string]any{
 				"primary_in": chCompareIn0, "secondary_in": chCompare, "outdev": chCompareOut0,
-				"iothread": objIOThread, "compare_timeout": compareMS})
+				"iothread": objIOThread, "compare_timeout": compareMS, "expired_scan_cycle": scanMS}))
 		}},
 		Step{Name: "primary: migrate-set-capabilities", Run: func(ctx context.Context) error {
 			return p.MigrateSetCapabilities(ctx, coloCaps(pf, qmp.CapEvents, qmp.CapPauseBeforeSwitchover))
@@ -318,6 +326,14 @@ func protect(name string, c ProtectConfig) Sequence {
 			migFile.Close() // QEMU holds its own copy
 		}
 	}}
+}
+
+// ExpiredScanCycle is how often (ms) colo-compare looks for primary packets older than
+// compare_timeout: a fifth of it, 10 ms to 1 s. QEMU's own default scans every second, so a
+// compare_timeout under a second would take effect only at the next scan, up to a second
+// later.
+func ExpiredScanCycle(compareTimeout time.Duration) int {
+	return int(min(max(compareTimeout/5, 10*time.Millisecond), time.Second) / time.Millisecond)
 }
 
 // waitChardevsConnected polls query-chardev until every named socket server has its client.

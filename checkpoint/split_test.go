@@ -2,6 +2,7 @@ package checkpoint_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"slices"
@@ -21,7 +22,7 @@ func fakeProbe(srv *qmptest.Server, major, minor, micro int) {
 	schema := `[{"name":"query-migrate-capabilities","meta-type":"command","arg-type":"9"},{"name":"blockdev-add","meta-type":"command","arg-type":"0"},{"name":"0","meta-type":"object","members":[],"variants":[{"case":"nbd","type":"1"}]}]`
 	srv.Handle("query-version", qmptest.Return(map[string]any{"qemu": map[string]int{"major": major, "minor": minor, "micro": micro}}))
 	srv.Handle("query-qmp-schema", func(c *qmptest.Conn, r *qmptest.Request) {
-		c.Send(`{"return": ` + schema + `, "id": ` + string(r.ID) + `}`)
+		c.Reply(r, json.RawMessage(schema))
 	})
 	srv.Handle("query-migrate-capabilities", qmptest.Return([]qmp.MigrationCapability{{Capability: "x-colo"}, {Capability: "return-path"}, {Capability: "events"}, {Capability: "pause-before-switchover"}}))
 }
@@ -124,7 +125,7 @@ var wantPrimaryProtection = []string{
 	`object-add {"id":"redire0","indev":"compare_out","netdev":"hn0","qom-type":"filter-redirector","queue":"rx","status":"off"}`,
 	`object-add {"id":"redire1","netdev":"hn0","outdev":"compare0","qom-type":"filter-redirector","queue":"rx","status":"off"}`,
 	`object-add {"id":"iothread1","qom-type":"iothread"}`,
-	`object-add {"compare_timeout":3000,"id":"comp0","iothread":"iothread1","outdev":"compare_out0","primary_in":"compare0-0","qom-type":"colo-compare","secondary_in":"compare1"}`,
+	`object-add {"compare_timeout":100,"expired_scan_cycle":20,"id":"comp0","iothread":"iothread1","outdev":"compare_out0","primary_in":"compare0-0","qom-type":"colo-compare","secondary_in":"compare1"}`,
 	`migrate-set-capabilities {"capabilities":[{"capability":"events","state":true},{"capability":"pause-before-switchover","state":true},{"capability":"return-path","state":true},{"capability":"x-colo","state":true}]}`,
 	`migrate-set-parameters {"x-checkpoint-delay":200}`,
 	`getfd {"fdname":"mig1"}`,

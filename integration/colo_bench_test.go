@@ -49,13 +49,8 @@ type pinger struct {
 	got  []time.Time
 }
 
-func startPinger(b testing.TB, addr string) *pinger {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	c, err := client.DialReady(ctx, addr, 200*time.Millisecond)
-	if err != nil {
-		b.Fatalf("pinger: %v", err)
-	}
+// startPingerOn pings over c, a connection of its own to the guest's service.
+func startPingerOn(b testing.TB, c *client.Client) *pinger {
 	p := &pinger{c: c, stop: make(chan struct{}), done: make(chan struct{})}
 	go func() {
 		defer close(p.done)
@@ -130,7 +125,7 @@ func coloBench(b *testing.B) {
 	kernel, initrd := guestImages(b)
 	failovers := 5
 	phaseLen := 8 * time.Second
-	e := newPairEnv(b, q, kernel, initrd, 200*time.Millisecond, 2)
+	e := newPairEnvLAN(b, q, kernel, initrd, 200*time.Millisecond)
 	// LOCKSTEP_BENCH_NOREWRITER=1 measures without the secondary's filter-rewriter.
 	e.spec.Tunables.NoRewriter = os.Getenv("LOCKSTEP_BENCH_NOREWRITER") == "1"
 	e.log = nil // keep the table readable
@@ -138,7 +133,7 @@ func coloBench(b *testing.B) {
 	defer cancel()
 
 	prim := e.bootPrimary(ctx)
-	w := startWriter(b, e.hub.ClientURL, 0)
+	w := e.startWriter(b, 0)
 	w.waitAcked(b, 5, 30*time.Second)
 	var phases []phase
 	measure := func(name string, obs *checkpoint.Observer, delay time.Duration) {
@@ -174,9 +169,8 @@ func coloBench(b *testing.B) {
 
 	// The failover chain.
 	var detect, seq, rest, first, fresh, reprotect []time.Duration
-	pg := startPinger(b, e.hub.ClientURL)
+	pg := startPingerOn(b, e.connect(b, 60*time.Second))
 	cur := p
-	hubFree := 0 // the first primary's hub port, free once it is killed
 	for i := 0; i < failovers; i++ {
 		w.waitAcked(b, w.Acked()+20, 30*time.Second)
 		sig := watchFor(b, cur.primary, checkpoint.WatchConfig{}, checkpoint.SignalProcessExited, checkpoint.SignalQMPLost)
@@ -206,9 +200,8 @@ func coloBench(b *testing.B) {
 			break
 		}
 		t0 := time.Now()
-		next := e.protect(ctx, cur.secondary, hubFree, true)
+		next := e.protect(ctx, cur.secondary, 0, true)
 		reprotect = append(reprotect, time.Since(t0))
-		hubFree = 1 - hubFree
 		cur = next
 	}
 	total := w.verify(b)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/lockstepvm/lockstep/checkpoint"
+	"github.com/lockstepvm/lockstep/integration/guest/client"
 	"github.com/lockstepvm/lockstep/integration/qemuenv"
 )
 
@@ -80,14 +81,16 @@ func (w testWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// pairEnv is one protected VM on this machine: a hub, a primary and a secondary, each with its
-// own folder and images.
+// pairEnv is one protected VM on this machine: a test LAN, a primary and a secondary, each
+// with its own folder and images. The LAN is the bridge in a network namespace (lan,
+// newPairEnvLAN) or the QEMU hub with slirp (hub, newPairEnv) that the agent's tests still use.
 type pairEnv struct {
 	t       testing.TB
 	q       *qemuenv.QEMU
 	dir     string
 	spec    checkpoint.Spec
 	hub     *hub
+	lan     *testLAN
 	log     *slog.Logger
 	mu      sync.Mutex
 	vms     []*checkpoint.VM
@@ -95,9 +98,39 @@ type pairEnv struct {
 	genN    int
 	nextHub int
 	ovDir   string
+	// beforeProtect, when set, is called with each generation before its secondary starts
+	// (a capture of its channels must begin before they connect).
+	beforeProtect func(checkpoint.Generation)
 }
 
+// newPairEnv is a pair on the QEMU hub test LAN with hubPorts VM ports.
 func newPairEnv(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay time.Duration, hubPorts int) *pairEnv {
+	e := newPairEnvBase(t, q, kernel, initrd, delay)
+	e.spec.NIC = checkpoint.NIC{MAC: guestMAC, Model: "e1000", Backend: "socket"}
+	e.spec.Append = "console=ttyS0 quiet lockstep.ip=10.0.2.15/24"
+	if kernel == "" {
+		e.spec.Append = ""
+	}
+	e.hub = startHub(t, q, e.dir, hubPorts, "10.0.2.15", 7777)
+	return e
+}
+
+// newPairEnvLAN is a pair on the single-host bridge LAN (testLAN): both QEMUs run in the LAN's
+// host namespace, each on a tap of its own on the bridge, and the test's clients connect from
+// the client namespace.
+func newPairEnvLAN(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay time.Duration) *pairEnv {
+	lan := newTestLAN(t, q)
+	e := newPairEnvBase(t, q, kernel, initrd, delay)
+	e.lan = lan
+	e.spec.NIC = lan.NIC(guestMAC)
+	e.spec.QEMU = lan.QEMUPrefix(q.Path)
+	if kernel != "" {
+		e.spec.Append = lan.KernelCmdline()
+	}
+	return e
+}
+
+func newPairEnvBase(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay time.Duration) *pairEnv {
 	dir := qemuenv.ShortTempDir(t)
 	e := &pairEnv{t: t, q: q, dir: dir, log: testLogger(t)}
 	ver, err := checkpoint.DetectVersion(context.Background(), []string{q.Path})
@@ -111,27 +144,49 @@ func newPairEnv(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay time
 	e.spec = checkpoint.Spec{
 		Name: "t", MemoryMiB: 128, VCPUs: 1, Machine: "pc", Accel: "tcg",
 		Kernel: kernel, Initrd: initrd,
-		Append:   "console=ttyS0 quiet lockstep.ip=10.0.2.15/24",
 		DiskSize: 64 << 20,
-		NIC:      checkpoint.NIC{MAC: guestMAC, Backend: "socket"},
 		QEMU:     []string{q.Path}, QEMUImg: []string{img}, QEMUVersion: ver,
 		Tunables: checkpoint.Tunables{CheckpointDelay: delay},
 	}.WithDefaults()
-	if kernel == "" {
-		e.spec.Append = ""
-	}
-	e.hub = startHub(t, q, dir, hubPorts, "10.0.2.15", 7777)
 	t.Cleanup(func() {
 		e.mu.Lock()
 		defer e.mu.Unlock()
 		for _, vm := range e.vms {
 			vm.Kill()
+			if t.Failed() {
+				// What the guest said: a failed test's first question is whether it crashed.
+				if b, err := os.ReadFile(filepath.Join(vm.Side.RunDir, "console.log")); err == nil {
+					t.Logf("guest console of the %s in %s:\n%s", vm.Role, vm.Side.RunDir, consoleExcerpt(b))
+				}
+				t.Logf("QEMU log of the %s: %s", vm.Role, vm.LogTail())
+			}
 		}
 	})
 	return e
 }
 
-// side makes a new side's folder and a zeroed disk image of the spec's size.
+// connect returns a client of the guest's service on the env's LAN once the service answers.
+func (e *pairEnv) connect(t testing.TB, within time.Duration) *client.Client {
+	t.Helper()
+	if e.lan != nil {
+		return e.lan.DialGuest(t, within)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	c, err := client.DialReady(ctx, e.hub.ClientURL, 200*time.Millisecond)
+	if err != nil {
+		t.Fatalf("guest service never answered on %s: %v", e.hub.ClientURL, err)
+	}
+	return c
+}
+
+// startWriter connects a writer of records every interval (0: back to back) to the guest.
+func (e *pairEnv) startWriter(t testing.TB, interval time.Duration) *writer {
+	return startWriterOn(t, e.connect(t, 60*time.Second), interval)
+}
+
+// side makes a new side's folder and a zeroed disk image of the spec's size; hubPort is its
+// port on the hub LAN (ignored on the bridge LAN).
 func (e *pairEnv) side(hubPort int) checkpoint.Side {
 	e.sideN++
 	d := filepath.Join(e.dir, fmt.Sprintf("s%d", e.sideN))
@@ -150,11 +205,14 @@ func (e *pairEnv) side(hubPort int) checkpoint.Side {
 	// The secondary's overlays are emptied at every checkpoint: keep them in memory (tmpfs), as
 	// QEMU's COLO documentation does, or each checkpoint waits for the disk.
 	ov := e.overlayDir()
-	return checkpoint.Side{
+	side := checkpoint.Side{
 		Host: "127.0.0.1", RunDir: d, Disk: disk,
 		Active: filepath.Join(ov, fmt.Sprintf("active%d.qcow2", e.sideN)), Hidden: filepath.Join(ov, fmt.Sprintf("hidden%d.qcow2", e.sideN)),
-		NetSocket: e.hub.VMPorts[hubPort],
 	}
+	if e.hub != nil {
+		side.NetSocket = e.hub.VMPorts[hubPort]
+	}
+	return side
 }
 
 // overlayDir returns a folder on tmpfs for the secondaries' overlays (the test's own, removed

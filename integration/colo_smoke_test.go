@@ -14,7 +14,7 @@ import (
 // observer, without a guest.
 func TestColoSmokeNoGuest(t *testing.T) {
 	q := qemuenv.QEMU11(t)
-	e := newPairEnv(t, q, "", "", 200*time.Millisecond, 2)
+	e := newPairEnvLAN(t, q, "", "", 200*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	p := e.launch(ctx, checkpoint.RolePrimary, e.side(0), checkpoint.Ports{})

@@ -32,12 +32,12 @@ func TestColoSplitProtectAndYankFailover(t *testing.T) {
 func splitYankFailover(t *testing.T, inCheckpoint bool) {
 	q := qemuenv.QEMU11(t)
 	kernel, initrd := guestImages(t)
-	e := newPairEnv(t, q, kernel, initrd, 200*time.Millisecond, 2)
+	e := newPairEnvLAN(t, q, kernel, initrd, 200*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 
-	prim := e.bootPrimary(ctx) // hub port 0
-	w := startWriter(t, e.hub.ClientURL, 20*time.Millisecond)
+	prim := e.bootPrimary(ctx)
+	w := e.startWriter(t, 20*time.Millisecond)
 	w.waitAcked(t, 5, 30*time.Second)
 
 	// The secondary's side.

@@ -206,10 +206,14 @@ func (e *pairEnv) bootPrimary(ctx context.Context) *checkpoint.VM {
 	return e.launch(ctx, checkpoint.RolePrimary, side, checkpoint.Ports{})
 }
 
-// protect starts a fresh secondary on the hub port hubPort and protects primary with it.
+// protect starts a fresh secondary (on the hub port hubPort, on the hub LAN) and protects
+// primary with it.
 func (e *pairEnv) protect(ctx context.Context, primary *checkpoint.VM, hubPort int, reprotect bool) *pair {
 	t := e.t
 	g := e.generation()
+	if e.beforeProtect != nil {
+		e.beforeProtect(g)
+	}
 	sec := e.launch(ctx, checkpoint.RoleSecondary, e.side(hubPort), g.Ports)
 	obs := checkpoint.NewObserver(e.spec.Tunables.CheckpointDelay)
 	link := newMigrationLink(e.t)
@@ -315,12 +319,12 @@ func failoverReport(t testing.TB, what string, w *writer, kill, detected time.Ti
 func TestColoProtectFailoverReprotect(t *testing.T) {
 	q := qemuenv.QEMU11(t)
 	kernel, initrd := guestImages(t)
-	e := newPairEnv(t, q, kernel, initrd, 200*time.Millisecond, 3)
+	e := newPairEnvLAN(t, q, kernel, initrd, 200*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	prim := e.bootPrimary(ctx) // hub port 0
-	w := startWriter(t, e.hub.ClientURL, 20*time.Millisecond)
+	prim := e.bootPrimary(ctx)
+	w := e.startWriter(t, 20*time.Millisecond)
 	w.waitAcked(t, 5, 30*time.Second)
 	p := e.protect(ctx, prim, 1, false)
 	st := p.waitCheckpoints(t, 5, 30*time.Second)
@@ -351,7 +355,7 @@ func TestColoProtectFailoverReprotect(t *testing.T) {
 	failoverReport(t, "primary SIGKILL", w, kill, detected, took)
 	p.stopObs()
 
-	// Scenario 4: re-protect the survivor onto a fresh secondary on the dead primary's hub port.
+	// Scenario 4: re-protect the survivor onto a fresh secondary.
 	survivor := p.secondary
 	p2 := e.protect(ctx, survivor, 0, true)
 	p2.waitCheckpoints(t, 5, 30*time.Second)
@@ -380,11 +384,11 @@ func TestColoProtectFailoverReprotect(t *testing.T) {
 func TestColoSecondaryDies(t *testing.T) {
 	q := qemuenv.QEMU11(t)
 	kernel, initrd := guestImages(t)
-	e := newPairEnv(t, q, kernel, initrd, 200*time.Millisecond, 2)
+	e := newPairEnvLAN(t, q, kernel, initrd, 200*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	prim := e.bootPrimary(ctx)
-	w := startWriter(t, e.hub.ClientURL, 20*time.Millisecond)
+	w := e.startWriter(t, 20*time.Millisecond)
 	w.waitAcked(t, 5, 30*time.Second)
 	p := e.protect(ctx, prim, 1, false)
 	p.waitCheckpoints(t, 5, 30*time.Second)
@@ -430,11 +434,11 @@ func TestColoSecondaryDies(t *testing.T) {
 func TestColoPrimaryHangs(t *testing.T) {
 	q := qemuenv.QEMU11(t)
 	kernel, initrd := guestImages(t)
-	e := newPairEnv(t, q, kernel, initrd, 200*time.Millisecond, 2)
+	e := newPairEnvLAN(t, q, kernel, initrd, 200*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	prim := e.bootPrimary(ctx)
-	w := startWriter(t, e.hub.ClientURL, 20*time.Millisecond)
+	w := e.startWriter(t, 20*time.Millisecond)
 	w.waitAcked(t, 5, 30*time.Second)
 	p := e.protect(ctx, prim, 1, false)
 	p.waitCheckpoints(t, 5, 30*time.Second)

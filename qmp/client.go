@@ -1,8 +1,12 @@
 // Package qmp is a client of the QEMU Machine Protocol that never blocks on its peer or on its
 // own callers.
 //
-// One Client owns one QMP connection. Any number of goroutines may call Execute at once; replies
-// are matched to their calls by id. A single reader goroutine, owned by the Client and stopped by
+// One Client owns one QMP connection. Any number of goroutines may call Execute at once. QEMU
+// runs the in-band commands of a monitor one at a time and answers them in the order it read
+// them, so in-band commands go without an id (QEMU reads its monitor one byte per read: every
+// byte of a request costs it a poll and a read) and their replies are matched by that order;
+// out-of-band commands, whose replies may overtake in-band ones, carry an id and are matched by
+// it. A single reader goroutine, owned by the Client and stopped by
 // Close or by the loss of the connection, decodes every message; it never waits for a caller or a
 // subscriber:
 //   - replies go to a one-slot buffered channel of the waiting call; a call whose context ended
@@ -46,8 +50,11 @@ type Client struct {
 
 	wmu sync.Mutex // serialises writes so that lines never interleave
 
-	mu       sync.Mutex
-	pending  map[string]chan *Message
+	mu      sync.Mutex
+	pending map[string]chan *Message // out-of-band calls, by id
+	// inband are the in-band calls in the order their commands were written; the next reply
+	// without an id is the first one's.
+	inband   []*inbandCall
 	subs     map[*Subscription]struct{}
 	closeErr error // why the connection ended; set once, before done is closed
 	features *Features
@@ -59,6 +66,14 @@ type Client struct {
 
 	unknownReplies  atomic.Uint64
 	unmatchedEvents atomic.Uint64
+}
+
+// inbandCall is an in-band call waiting for its reply.
+type inbandCall struct {
+	ch chan *Message
+	// abandoned is set when the caller gave up (its context ended): its reply is still
+	// consumed in turn, and counted as late.
+	abandoned atomic.Bool
 }
 
 // Option configures a Client.
@@ -229,6 +244,8 @@ func (c *Client) shutdown(cause error) {
 		c.closeErr = cause
 		pending := c.pending
 		c.pending = nil
+		inband := c.inband
+		c.inband = nil
 		subs := c.subs
 		c.subs = nil
 		c.mu.Unlock()
@@ -236,6 +253,9 @@ func (c *Client) shutdown(cause error) {
 		c.conn.Close()
 		for _, ch := range pending {
 			close(ch) // a closed channel tells the waiting call to read closeErr
+		}
+		for _, call := range inband {
+			close(call.ch)
 		}
 		for s := range subs {
 			s.end(cause)
@@ -245,8 +265,9 @@ func (c *Client) shutdown(cause error) {
 
 // Stats are counters of protocol anomalies on a connection.
 type Stats struct {
-	// UnknownReplies counts replies whose id matched no waiting call (late replies of calls
-	// whose context ended, or replies without an id).
+	// UnknownReplies counts replies that matched no waiting call: late replies of calls whose
+	// context ended, replies with an id of no out-of-band call, replies without an id when no
+	// in-band call waits.
 	UnknownReplies uint64
 	// UnmatchedEvents counts events that no subscription wanted.
 	UnmatchedEvents uint64
@@ -288,6 +309,27 @@ func (c *Client) reader(r *bufio.Reader) {
 }
 
 func (c *Client) deliverReply(m *Message) {
+	if len(m.ID) == 0 || string(m.ID) == "null" {
+		c.mu.Lock()
+		var call *inbandCall
+		if len(c.inband) > 0 {
+			call = c.inband[0]
+			c.inband[0] = nil
+			c.inband = c.inband[1:]
+		}
+		c.mu.Unlock()
+		switch {
+		case call == nil:
+			c.unknownReplies.Add(1)
+			c.log.Warn("qmp: reply without id while no in-band call waits", "err", m.Err)
+		case call.abandoned.Load():
+			c.unknownReplies.Add(1)
+			c.log.Debug("qmp: late reply of an abandoned call")
+		default:
+			call.ch <- m // buffered with room for exactly this reply
+		}
+		return
+	}
 	key := string(m.ID)
 	c.mu.Lock()
 	ch, ok := c.pending[key]
@@ -349,8 +391,8 @@ func (c *Client) ExecuteWithFiles(ctx context.Context, command string, args, res
 }
 
 // encodeRequest builds a command line by hand, as short as QMP allows: QEMU reads its monitor
-// input one byte per read, so each byte costs time on every call. The id is a bare number and no
-// newline follows (QEMU's JSON parser ends a request at its closing brace).
+// input one byte per read, so each byte costs time on every call. The id, for id > 0, is a bare
+// number, and no newline follows (QEMU's JSON parser ends a request at its closing brace).
 func encodeRequest(verb, command string, args any, id uint64) ([]byte, error) {
 	line := make([]byte, 0, 48+len(command))
 	line = append(line, `{"`...)
@@ -377,8 +419,10 @@ func encodeRequest(verb, command string, args any, id uint64) ([]byte, error) {
 			line = append(line, a...)
 		}
 	}
-	line = append(line, `,"id":`...)
-	line = strconv.AppendUint(line, id, 10)
+	if id > 0 {
+		line = append(line, `,"id":`...)
+		line = strconv.AppendUint(line, id, 10)
+	}
 	line = append(line, '}')
 	return line, nil
 }
@@ -416,32 +460,45 @@ func (c *Client) execute(ctx context.Context, verb, command string, args, result
 		}
 	}
 
-	id := c.nextID.Add(1)
-	line, err := encodeRequest(verb, command, args, id)
-	if err != nil {
-		return err
-	}
-	key := strconv.FormatUint(id, 10)
-
-	ch := make(chan *Message, 1)
-	c.mu.Lock()
-	if c.pending == nil {
-		c.mu.Unlock()
-		return c.Err()
-	}
-	c.pending[key] = ch
-	c.mu.Unlock()
-	forget := func() {
-		c.mu.Lock()
-		if c.pending != nil {
-			delete(c.pending, key)
+	var ch chan *Message
+	var forget func()
+	if verb == "execute" {
+		line, err := encodeRequest(verb, command, args, 0)
+		if err != nil {
+			return err
 		}
+		call := &inbandCall{ch: make(chan *Message, 1)}
+		ch = call.ch
+		forget = func() { call.abandoned.Store(true) }
+		if err := c.write(ctx, line, files, call); err != nil {
+			return err
+		}
+	} else {
+		id := c.nextID.Add(1)
+		line, err := encodeRequest(verb, command, args, id)
+		if err != nil {
+			return err
+		}
+		key := strconv.FormatUint(id, 10)
+		ch = make(chan *Message, 1)
+		c.mu.Lock()
+		if c.pending == nil {
+			c.mu.Unlock()
+			return c.Err()
+		}
+		c.pending[key] = ch
 		c.mu.Unlock()
-	}
-
-	if err := c.write(ctx, line, files); err != nil {
-		forget()
-		return err
+		forget = func() {
+			c.mu.Lock()
+			if c.pending != nil {
+				delete(c.pending, key)
+			}
+			c.mu.Unlock()
+		}
+		if err := c.write(ctx, line, files, nil); err != nil {
+			forget()
+			return err
+		}
 	}
 
 	select {
@@ -464,13 +521,24 @@ func (c *Client) execute(ctx context.Context, verb, command string, args, result
 	}
 }
 
-// write sends one whole line. A write that fails after sending part of the line leaves the
-// stream unframed, so the connection is closed.
-func (c *Client) write(ctx context.Context, line []byte, files []*os.File) error {
+// write sends one whole line; for an in-band command (call not nil) the call joins the queue of
+// in-band calls first, under the write lock, so that the queue's order is the order of the
+// commands on the wire. A write that fails after sending part of the line leaves the stream
+// unframed, so the connection is closed; one that sent nothing takes its call off the queue.
+func (c *Client) write(ctx context.Context, line []byte, files []*os.File, call *inbandCall) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if err := c.Err(); err != nil {
 		return err
+	}
+	if call != nil {
+		c.mu.Lock()
+		if c.closeErr != nil {
+			c.mu.Unlock()
+			return c.Err()
+		}
+		c.inband = append(c.inband, call)
+		c.mu.Unlock()
 	}
 	stop := deadlineFromContext(ctx, c.conn.SetWriteDeadline)
 	defer stop()
@@ -492,6 +560,16 @@ func (c *Client) write(ctx context.Context, line []byte, files []*os.File) error
 	}
 	if err == nil {
 		return nil
+	}
+	if n == 0 && call != nil {
+		// Nothing of it reached QEMU, which will never answer it: the call leaves the queue
+		// (it is the last one, as this write holds the write lock).
+		c.mu.Lock()
+		if k := len(c.inband); k > 0 && c.inband[k-1] == call {
+			c.inband[k-1] = nil
+			c.inband = c.inband[:k-1]
+		}
+		c.mu.Unlock()
 	}
 	if n > 0 {
 		c.shutdown(fmt.Errorf("writing to QEMU (%d of %d bytes sent): %w", n, len(line), err))

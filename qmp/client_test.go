@@ -117,29 +117,15 @@ func TestEventsBeforeCapabilitiesReply(t *testing.T) {
 	}
 }
 
-func TestExecuteConcurrentOutOfOrder(t *testing.T) {
+// In-band commands carry no id: QEMU answers them one at a time in the order it read them, and
+// 200 concurrent callers each get their own reply by that order.
+func TestExecuteConcurrentInOrder(t *testing.T) {
 	s := qmptest.New(t)
 	const n = 200
-	// Collect all n requests, then answer them in reverse order: replies must reach their own
-	// callers by id, whatever the order.
-	var mu sync.Mutex
-	var held []*qmptest.Request
-	var conn *qmptest.Conn
 	s.Handle("echo", func(c *qmptest.Conn, r *qmptest.Request) {
-		mu.Lock()
-		held = append(held, r)
-		conn = c
-		all := len(held) == n
-		var batch []*qmptest.Request
-		if all {
-			batch = held
-		}
-		mu.Unlock()
-		for i := len(batch) - 1; i >= 0; i-- {
-			var a struct{ N int }
-			_ = batch[i].DecodeArgs(&a)
-			conn.Reply(batch[i], map[string]int{"n": a.N})
-		}
+		var a struct{ N int }
+		_ = r.DecodeArgs(&a)
+		c.Reply(r, map[string]int{"n": a.N})
 	})
 	c := dial(t, s, qmp.WithMaxInflight(n))
 	var wg sync.WaitGroup
@@ -162,6 +148,101 @@ func TestExecuteConcurrentOutOfOrder(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+	for _, r := range s.RequestsFor("echo") {
+		if len(r.ID) != 0 {
+			t.Fatalf("an in-band command was sent with id %s", r.ID)
+		}
+	}
+}
+
+// Out-of-band replies overtake in-band ones and each other: they are matched by id.
+func TestOOBRepliesOvertake(t *testing.T) {
+	s := qmptest.New(t)
+	release := make(chan struct{})
+	s.Handle("slow", func(c *qmptest.Conn, r *qmptest.Request) {
+		<-release
+		c.Reply(r, "slow")
+	})
+	const n = 5
+	var mu sync.Mutex
+	var held []*qmptest.Request
+	s.Handle("fast", func(c *qmptest.Conn, r *qmptest.Request) {
+		mu.Lock()
+		held = append(held, r)
+		batch := held
+		mu.Unlock()
+		if len(batch) < n {
+			return
+		}
+		for i := len(batch) - 1; i >= 0; i-- {
+			var a struct{ N int }
+			_ = batch[i].DecodeArgs(&a)
+			c.Reply(batch[i], a.N)
+		}
+	})
+	c := dial(t, s)
+	slow := make(chan error, 1)
+	go func() {
+		var got string
+		err := c.Execute(ctxT(t), "slow", nil, &got)
+		if err == nil && got != "slow" {
+			err = fmt.Errorf("slow got %q", got)
+		}
+		slow <- err
+	}()
+	waitFor(t, func() bool { return len(s.RequestsFor("slow")) == 1 })
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			var got int
+			if err := c.ExecuteOOB(ctxT(t), "fast", map[string]int{"n": i}, &got); err != nil || got != i {
+				errs <- fmt.Errorf("out-of-band call %d: %d %v", i, got, err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	close(release)
+	if err := <-slow; err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range s.RequestsFor("fast") {
+		if len(r.ID) == 0 {
+			t.Fatal("an out-of-band command was sent without an id")
+		}
+	}
+}
+
+// A call whose context ended leaves its place in the order: its late reply is consumed, not
+// given to the next call.
+func TestAbandonedCallKeepsTheOrder(t *testing.T) {
+	s := qmptest.New(t)
+	release := make(chan struct{})
+	s.Handle("late", func(c *qmptest.Conn, r *qmptest.Request) {
+		<-release
+		c.Reply(r, "late")
+	})
+	s.Handle("next", qmptest.Return("next"))
+	c := dial(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := c.Execute(ctx, "late", nil, nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("late: %v", err)
+	}
+	close(release)
+	var got string
+	if err := c.Execute(ctxT(t), "next", nil, &got); err != nil || got != "next" {
+		t.Fatalf("next got %q %v", got, err)
+	}
+	if st := c.Stats(); st.UnknownReplies != 1 {
+		t.Errorf("UnknownReplies = %d, want the late one", st.UnknownReplies)
 	}
 }
 
@@ -580,17 +661,20 @@ func TestUnknownIDAndIDlessErrors(t *testing.T) {
 	s := qmptest.New(t)
 	s.Handle("noise", func(c *qmptest.Conn, r *qmptest.Request) {
 		c.Send(`{"return": {}, "id": "not-ours"}`)
-		c.Send(`{"error": {"class": "GenericError", "desc": "JSON parse error"}}`)
 		c.Send(`{"return": {}, "id": 987654321}`)
 		c.Reply(r, "ok")
+		// Without an id and with no in-band call waiting: matches nothing.
+		c.Send(`{"error": {"class": "GenericError", "desc": "JSON parse error"}}`)
 	})
+	s.Handle("after", qmptest.Return("after"))
 	c := dial(t, s)
 	var got string
 	if err := c.Execute(ctxT(t), "noise", nil, &got); err != nil || got != "ok" {
 		t.Fatalf("%q %v", got, err)
 	}
-	if st := c.Stats(); st.UnknownReplies != 3 {
-		t.Errorf("UnknownReplies = %d, want 3", st.UnknownReplies)
+	waitFor(t, func() bool { return c.Stats().UnknownReplies == 3 })
+	if err := c.Execute(ctxT(t), "after", nil, &got); err != nil || got != "after" {
+		t.Fatalf("after: %q %v", got, err)
 	}
 	if c.Err() != nil {
 		t.Errorf("connection ended: %v", c.Err())

@@ -10,8 +10,9 @@
 # verified against the signed apt indexes, and unpacked with dpkg-deb, never
 # installed) and from this repository:
 #   linux-image-amd64 -> the linux-image-<release>-amd64 it depends on: its
-#                        vmlinuz, and the modules e1000 (NIC), ata_piix and
-#                        sd_mod (if=ide disk) with their dependencies from
+#                        vmlinuz, and the modules e1000 and virtio_net with
+#                        virtio_pci (NICs), ata_piix and sd_mod (if=ide disk)
+#                        with their dependencies from
 #                        modules.dep, which /init loads in dependency order
 #   busybox-static    -> the guest's userland, and the depmod and cpio that
 #                        build the initramfs on the host
@@ -49,8 +50,10 @@
 # have replaced it. Progress goes to stderr.
 set -euo pipefail
 
-# The kernel modules the guest loads, dependencies added automatically.
-MODULES=(e1000 ata_piix sd_mod)
+# The kernel modules the guest loads, dependencies added automatically: the NIC
+# drivers of both models lockstep supports in tests (e1000, and virtio-net with
+# its PCI transport), the disk's.
+MODULES=(e1000 virtio_pci virtio_net ata_piix sd_mod)
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)

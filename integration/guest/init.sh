@@ -72,7 +72,11 @@ while read -r group; do
 			insmod "/lib/modules/$mod" || echo "lockstep-guest: insmod $mod failed"
 		done
 		echo "lockstep-guest: loaded $group"
-		case " $group " in *" e1000.ko "*) net_up ;; esac
+		# The NIC is an e1000 or a virtio-net: whichever driver's group sees eth0
+		# first configures it, once (mkdir is atomic).
+		case " $group " in *" e1000.ko "* | *" virtio_net.ko "*)
+			[ -e /sys/class/net/eth0 ] && mkdir /tmp/net-up 2>/dev/null && net_up ;;
+		esac
 	) &
 done </lib/modules/load-order
 

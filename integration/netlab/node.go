@@ -164,6 +164,12 @@ func (n *Node) Listen(network, addr string) (net.Listener, error) {
 	return ln, nil
 }
 
+// Do runs fn on an OS thread inside the node's network namespace, for code that must open its
+// sockets there itself (a packet capture on one of the node's interfaces); sockets fn opens stay
+// in the namespace whatever thread uses them later. fn must not start goroutines that expect
+// the namespace: they run on other threads.
+func (n *Node) Do(fn func()) error { return n.inNS(fn) }
+
 // inNS runs fn on an OS thread switched into the node's network namespace, then switches the
 // thread back. It uses a goroutine of its own so that, should the switch back fail, that
 // goroutine can exit still locked to the thread, which makes the runtime end the thread instead

@@ -67,9 +67,19 @@ func New(conn net.Conn) *Client {
 // on the host before the guest listens, and closes them when the guest
 // refuses, so only an answered ping shows that the service is up.
 func DialReady(ctx context.Context, addr string, interval time.Duration) (*Client, error) {
+	var d net.Dialer
+	return DialReadyWith(ctx, d.DialContext, addr, interval)
+}
+
+// Dialer opens a connection, as net.Dialer's DialContext does; a test's dialer may open it
+// from inside a network namespace.
+type Dialer func(ctx context.Context, network, addr string) (net.Conn, error)
+
+// DialReadyWith is DialReady with the connections opened by dial.
+func DialReadyWith(ctx context.Context, dial Dialer, addr string, interval time.Duration) (*Client, error) {
 	var last error
 	for {
-		c, err := dialPing(ctx, addr, interval)
+		c, err := dialPing(ctx, dial, addr, interval)
 		if err == nil {
 			return c, nil
 		}
@@ -82,16 +92,17 @@ func DialReady(ctx context.Context, addr string, interval time.Duration) (*Clien
 	}
 }
 
-func dialPing(ctx context.Context, addr string, interval time.Duration) (*Client, error) {
+func dialPing(ctx context.Context, dial Dialer, addr string, interval time.Duration) (*Client, error) {
 	// Bound each attempt, so that an attempt that the forwarder holds open
 	// without an answer does not eat the whole wait; a cold guest answers a
 	// ping within milliseconds once its service runs.
 	actx, cancel := context.WithTimeout(ctx, max(interval, time.Second))
 	defer cancel()
-	c, err := Dial(actx, addr)
+	conn, err := dial(actx, "tcp", addr)
 	if err != nil {
 		return nil, err
 	}
+	c := New(conn)
 	if _, err := c.Ping(actx); err != nil {
 		c.Close()
 		return nil, err

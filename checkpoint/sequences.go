@@ -259,6 +259,9 @@ func protect(name string, c ProtectConfig) Sequence {
 			if err := p.GetFD(ctx, g.MigrationFD(), f); err != nil {
 				return err
 			}
+			if err := tlsNonblocking(g, f); err != nil {
+				return err
+			}
 			if err := p.Migrate(ctx, "fd:"+g.MigrationFD()); err != nil {
 				return err
 			}

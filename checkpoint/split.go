@@ -72,6 +72,9 @@ func IncomingMigration(ctx context.Context, s *qmp.Client, g Generation, conn *o
 	if err := s.GetFD(ctx, g.MigrationFD(), conn); err != nil {
 		return fmt.Errorf("secondary: %w", err)
 	}
+	if err := tlsNonblocking(g, conn); err != nil {
+		return fmt.Errorf("secondary: %w", err)
+	}
 	if err := s.MigrateIncoming(ctx, "fd:"+g.MigrationFD()); err != nil {
 		return fmt.Errorf("secondary: %w", err)
 	}

@@ -9,6 +9,8 @@ import (
 	"regexp"
 	"strconv"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lockstepvm/lockstep/qmp"
 )
 
@@ -272,4 +274,27 @@ func tlsDirProblem(dir string) string {
 		}
 	}
 	return ""
+}
+
+// tlsNonblocking makes the migration socket f non-blocking for an encrypted generation, once
+// it was passed to QEMU (getfd) and before QEMU uses it. QEMU runs the TLS handshake of an fd
+// migration in its main loop and needs a non-blocking socket for it (it makes the socket
+// blocking itself once the stream starts). Passing the descriptor made it blocking (os.File's
+// Fd does), and then the primary's handshake held its main loop, QMP included, until the
+// secondary answered, which it could not do before migrate returned: seen on QEMU 11.1.3,
+// migrate never answered. The flag belongs to the socket, so this process's copy sets it for
+// QEMU's too.
+func tlsNonblocking(g Generation, f *os.File) error {
+	if g.TLS == nil {
+		return nil
+	}
+	sc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := sc.Control(func(fd uintptr) { serr = unix.SetNonblock(int(fd), true) }); err != nil {
+		return err
+	}
+	return serr
 }

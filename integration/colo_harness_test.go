@@ -95,6 +95,8 @@ type pairEnv struct {
 	genN    int
 	nextHub int
 	ovDir   string
+	// tls, when set, encrypts the replication channels (colo_tls_test.go).
+	tls *replTLS
 }
 
 func newPairEnv(t testing.TB, q *qemuenv.QEMU, kernel, initrd string, delay time.Duration, hubPorts int) *pairEnv {
@@ -150,11 +152,15 @@ func (e *pairEnv) side(hubPort int) checkpoint.Side {
 	// The secondary's overlays are emptied at every checkpoint: keep them in memory (tmpfs), as
 	// QEMU's COLO documentation does, or each checkpoint waits for the disk.
 	ov := e.overlayDir()
-	return checkpoint.Side{
+	s := checkpoint.Side{
 		Host: "127.0.0.1", RunDir: d, Disk: disk,
 		Active: filepath.Join(ov, fmt.Sprintf("active%d.qcow2", e.sideN)), Hidden: filepath.Join(ov, fmt.Sprintf("hidden%d.qcow2", e.sideN)),
 		NetSocket: e.hub.VMPorts[hubPort],
 	}
+	if e.tls != nil {
+		s.TLSDir = e.tls.sideDir(e.t, d)
+	}
+	return s
 }
 
 // overlayDir returns a folder on tmpfs for the secondaries' overlays (the test's own, removed

@@ -29,8 +29,8 @@ ovl=$(mktemp -d /dev/shm/lsdemo.XXXXXX)
 pids=()
 cleanup() {
 	set +e
-	if [ -S "$work/api.sock" ]; then
-		"$BUILD/bin/lockstepctl" --addr "unix://$work/api.sock" delete db1 >/dev/null 2>&1
+	if [ -n "${api_port:-}" ]; then
+		ctl delete db1 >/dev/null 2>&1
 	fi
 	for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
 	sleep 0.5
@@ -47,6 +47,13 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 client_port=$(free_port); hub_a=$(free_port); hub_b=$(free_port)
 
+# Certificates, as on real hosts: the agent's API and its store run over mutual TLS.
+api_port=$(free_port); etcd_port=$(free_port)
+say "certificates: lockstepctl certs (a test CA, the host's and the operator's)"
+"$BUILD/bin/lockstepctl" certs --dir "$work/pki" --host demo=127.0.0.1 --client operator
+pki=$work/pki
+ctl() { "$BUILD/bin/lockstepctl" --addr "tcp://127.0.0.1:$api_port" --tls-cert "$pki/operator.pem" --tls-key "$pki/operator.key" --tls-ca "$pki/ca.pem" "$@"; }
+
 say "test LAN: a QEMU hub; 127.0.0.1:$client_port is forwarded to the guest's service"
 "$QEMU" -M none -nodefaults -display none \
 	-netdev "user,id=u0,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:$client_port-10.0.2.15:7777" -netdev hubport,id=hu0,hubid=0,netdev=u0 \
@@ -55,13 +62,14 @@ say "test LAN: a QEMU hub; 127.0.0.1:$client_port is forwarded to the guest's se
 	>"$work/hub.log" 2>&1 &
 pids+=($!)
 
-say "lockstepd (single-host mode), API on $work/api.sock"
-"$BUILD/bin/lockstepd" --state-dir "$work/state" --overlay-dir "$ovl" --listen "unix://$work/api.sock" \
+say "lockstepd (single-host mode), API on tcp://127.0.0.1:$api_port and its store on https://127.0.0.1:$etcd_port, both mutual TLS"
+"$BUILD/bin/lockstepd" --state-dir "$work/state" --overlay-dir "$ovl" --host demo \
+	--listen "tcp://127.0.0.1:$api_port" --tls-cert "$pki/demo.pem" --tls-key "$pki/demo.key" --tls-ca "$pki/ca.pem" \
+	--etcd-serve "https://127.0.0.1:$etcd_port" --etcd-cert "$pki/demo.pem" --etcd-key "$pki/demo.key" --etcd-ca "$pki/ca.pem" \
 	>"$work/lockstepd.log" 2>&1 &
 agent=$!
 pids+=("$agent")
-ctl() { "$BUILD/bin/lockstepctl" --addr "unix://$work/api.sock" "$@"; }
-for _ in $(seq 100); do [ -S "$work/api.sock" ] && break; sleep 0.1; done
+for _ in $(seq 100); do ctl list >/dev/null 2>&1 && break; sleep 0.1; done
 
 truncate -s 64M "$work/disk-a.raw"
 cat >"$work/db1.yaml" <<YAML

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"io"
 	"net"
 	"net/http"
@@ -154,5 +155,32 @@ func TestPeerListenMutualTLS(t *testing.T) {
 	}
 	if n, _ := strconv.Atoi(string(m[1])); n < 3 {
 		t.Fatalf("%d refused handshakes counted, want at least 3", n)
+	}
+}
+
+// The config file takes the two-host and TLS settings too; the command line wins.
+func TestConfigFileTwoHostKeys(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "lockstepd.yaml")
+	yaml := "host: hosta\npeer-listen: 10.0.0.1:7444\npeer-cert: /p/a.pem\npeer-key: /p/a.key\npeer-ca: /p/ca.pem\n" +
+		"etcd-endpoints: https://10.0.0.9:2379\netcd-cert: /p/a.pem\netcd-key: /p/a.key\netcd-ca: /p/ca.pem\n" +
+		"etcd-serve: https://10.0.0.9:2379\nheartbeat-interval: 200ms\nheartbeat-timeout: 1s\nlease-ttl: 2s\n"
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fs := flag.NewFlagSet("lockstepd", flag.ContinueOnError)
+	var cfg config
+	fs.StringVar(&cfg.Host, "host", "", "")
+	if err := fs.Parse([]string{"--host", "fromflag"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := loadConfig(path, &cfg, fs); err != nil {
+		t.Fatal(err)
+	}
+	want := config{Host: "fromflag", PeerListen: "10.0.0.1:7444", PeerCert: "/p/a.pem", PeerKey: "/p/a.key", PeerCA: "/p/ca.pem",
+		EtcdEndpoints: "https://10.0.0.9:2379", EtcdCert: "/p/a.pem", EtcdKey: "/p/a.key", EtcdCA: "/p/ca.pem", EtcdServe: "https://10.0.0.9:2379",
+		HeartbeatInterval: 200 * time.Millisecond, HeartbeatTimeout: time.Second, LeaseTTL: 2 * time.Second}
+	if cfg != want {
+		t.Fatalf("config %+v\nwant %+v", cfg, want)
 	}
 }

@@ -41,10 +41,12 @@ guest:
 	bash integration/guest/build.sh
 
 # The QMP client against the raw socket floor and go-qemu on both real QEMUs, then the COLO
-# table (throughput, checkpoint pauses, failover times) on QEMU 11.1 with the test guest.
+# table (throughput, checkpoint pauses, failover times) on QEMU 11.1 with the test guest, then
+# the cost of encrypted replication (TLS against plaintext in the same run).
 bench: qemu guest
 	$(GO) test -run '^$$' -bench . -benchtime 2000x -count 3 ./qmp/
 	$(GO) test -run '^$$' -bench BenchmarkColo -benchtime 1x -timeout 30m ./integration/
+	$(GO) test -run '^$$' -bench BenchmarkReplicationTLS -benchtime 1x -timeout 30m ./integration/
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./qmp/

@@ -139,9 +139,10 @@ func SecondaryArgs(s Spec, side Side, primaryHost string, ports Ports) []string 
 	// frames reach the guest.
 	args = append(args, "-chardev", "null,id="+SinkChardev)
 	f1 += ",outdev=" + SinkChardev
+	args = append(args, secondaryTLSArgs(side)...) // tls.go
 	args = append(args,
-		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed0, primaryHost, ports.Mirror, reconnect),
-		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed1, primaryHost, ports.Compare, reconnect),
+		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed0, primaryHost, ports.Mirror, reconnect)+secondaryChardevTLS(side),
+		"-chardev", fmt.Sprintf("socket,id=%s,host=%s,port=%d,%s", secRed1, primaryHost, ports.Compare, reconnect)+secondaryChardevTLS(side),
 		"-object", f1,
 		"-object", fmt.Sprintf("filter-redirector,id=%s,netdev=%s,queue=rx,outdev=%s%s", secF2, NetdevID, secRed1, vnetOpt(s)),
 	)

@@ -19,6 +19,8 @@ type Generation struct {
 	Ports         Ports
 	PrimaryHost   string
 	SecondaryHost string
+	// TLS, when set, encrypts the generation's channels (tls.go); nil: plaintext.
+	TLS *GenTLS
 }
 
 // NBDNode is the primary's NBD client node of the secondary's replica.
@@ -181,12 +183,13 @@ func protect(name string, c ProtectConfig) Sequence {
 	if local {
 		steps = append(steps, secondarySteps(s, g, func() *qmp.Features { return sf })...)
 	}
+	steps = append(steps, primaryTLSSteps(p, g)...)
 	for _, ch := range []struct {
 		id      string
 		backend map[string]any
 	}{
-		{chMirror, socketBackend(g.PrimaryHost, g.Ports.Mirror, true)},
-		{chCompare, socketBackend(g.PrimaryHost, g.Ports.Compare, true)},
+		{chMirror, primaryChardevTLS(socketBackend(g.PrimaryHost, g.Ports.Mirror, true), g)},
+		{chCompare, primaryChardevTLS(socketBackend(g.PrimaryHost, g.Ports.Compare, true), g)},
 		{chCompareIn, socketBackend("127.0.0.1", g.Ports.CompareIn, true)},
 		{chCompareIn0, socketBackend("127.0.0.1", g.Ports.CompareIn, false)},
 		{chCompareOut, socketBackend("127.0.0.1", g.Ports.CompareOut, true)},
@@ -199,10 +202,10 @@ func protect(name string, c ProtectConfig) Sequence {
 	}
 	steps = append(steps,
 		Step{Name: "primary: blockdev-add " + g.NBDNode(), Timeout: 10 * time.Second, Run: func(ctx context.Context) error {
-			return p.BlockdevAdd(ctx, map[string]any{
+			return p.BlockdevAdd(ctx, nbdClientTLS(map[string]any{
 				"driver": "nbd", "node-name": g.NBDNode(), "export": ReplicaNode, "detect-zeroes": "on",
 				"server": map[string]any{"type": "inet", "host": g.SecondaryHost, "port": strconv.Itoa(g.Ports.NBD)},
-			})
+			}, g))
 		}},
 		Step{Name: "primary: blockdev-mirror " + g.ResyncJob(), Run: func(ctx context.Context) error {
 			return p.BlockdevMirror(ctx, map[string]any{
@@ -247,7 +250,7 @@ func protect(name string, c ProtectConfig) Sequence {
 			if bw := c.Spec.Tunables.MaxBandwidth; bw > 0 {
 				params.MaxBandwidth = &bw
 			}
-			return p.MigrateSetParameters(ctx, params)
+			return p.MigrateSetParameters(ctx, migrationTLS(params, g))
 		}},
 		Step{Name: "primary: migrate", Timeout: 10 * time.Second, Run: func(ctx context.Context) error {
 			if c.DialMigration == nil {
@@ -262,6 +265,9 @@ func protect(name string, c ProtectConfig) Sequence {
 			}
 			migFile = f
 			if err := p.GetFD(ctx, g.MigrationFD(), f); err != nil {
+				return err
+			}
+			if err := tlsNonblocking(g, f); err != nil {
 				return err
 			}
 			if err := p.Migrate(ctx, "fd:"+g.MigrationFD()); err != nil {

@@ -96,6 +96,10 @@ type Tunables struct {
 	// none of 6 runs once protection began after the boot. Re-protection of a running guest
 	// never waits.
 	BootSettle time.Duration
+	// ReplicationTLS says whether the channels between the two QEMUs (migration, NBD, mirror
+	// and compare) run over TLS, each QEMU presenting its host's certificate (tls.go). The
+	// default (TLSAuto) encrypts them when the sides run on two hosts.
+	ReplicationTLS TLSMode
 }
 
 // Defaults of the tunables.
@@ -136,6 +140,9 @@ type Side struct {
 	Active, Hidden string
 	// NetSocket is the address of the test hub's port for this side (backend socket).
 	NetSocket string
+	// TLSDir is this QEMU's x509 credentials folder (WriteTLSDir) when the replication channels
+	// are encrypted; empty: plaintext.
+	TLSDir string
 }
 
 // Ports are the TCP ports of one protection generation. Each re-protection takes new ones.
@@ -288,6 +295,9 @@ func (s Spec) Validate() error {
 	if d := s.Tunables.BootSettle; d > MaxBootSettle {
 		bad("boot_settle", "%v: want at most %v", d, MaxBootSettle)
 	}
+	if m := s.Tunables.ReplicationTLS; !m.Valid() {
+		bad("replication_tls", "%q: want auto, on or off", m)
+	}
 	if len(errs) > 0 {
 		return errs
 	}
@@ -319,6 +329,9 @@ func (s Spec) ValidateSide(role Role, side Side) error {
 	}
 	if role == RoleSecondary && (side.Active == "" || side.Hidden == "") {
 		bad("active", "a secondary needs active and hidden overlay paths")
+	}
+	if reason := tlsDirProblem(side.TLSDir); reason != "" {
+		bad("tls_dir", "%s", reason)
 	}
 	if s.NIC.Backend == "socket" {
 		if _, _, err := net.SplitHostPort(side.NetSocket); err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"strconv"
 	"time"
 
 	"github.com/lockstepvm/lockstep/qmp"
@@ -39,17 +38,20 @@ func PrepareSecondary(s *qmp.Client, g Generation) Sequence {
 // secondarySteps are the secondary's part of protection; features returns the secondary's
 // probed features once an earlier step has read them.
 func secondarySteps(s *qmp.Client, g Generation, features func() *qmp.Features) []Step {
-	return []Step{
+	steps := []Step{
 		{Name: "secondary: migrate-set-capabilities", Run: func(ctx context.Context) error {
 			return s.MigrateSetCapabilities(ctx, coloCaps(features()))
 		}},
+	}
+	steps = append(steps, secondaryTLSSteps(s, g)...)
+	return append(steps, []Step{
 		{Name: "secondary: nbd-server-start", Run: func(ctx context.Context) error {
-			return s.NBDServerStart(ctx, g.SecondaryHost, strconv.Itoa(g.Ports.NBD))
+			return nbdServerStart(ctx, s, g)
 		}},
 		{Name: "secondary: nbd-server-add " + ReplicaNode, Run: func(ctx context.Context) error {
 			return s.NBDServerAdd(ctx, ReplicaNode, true)
 		}},
-	}
+	}...)
 }
 
 // QEMUVersion returns the version of the QEMU behind c in the form ProtectConfig.SecondaryVersion
@@ -68,6 +70,9 @@ func QEMUVersion(ctx context.Context, c *qmp.Client) (string, error) {
 // the descriptor, so the caller closes conn afterwards whatever the outcome.
 func IncomingMigration(ctx context.Context, s *qmp.Client, g Generation, conn *os.File) error {
 	if err := s.GetFD(ctx, g.MigrationFD(), conn); err != nil {
+		return fmt.Errorf("secondary: %w", err)
+	}
+	if err := tlsNonblocking(g, conn); err != nil {
 		return fmt.Errorf("secondary: %w", err)
 	}
 	if err := s.MigrateIncoming(ctx, "fd:"+g.MigrationFD()); err != nil {

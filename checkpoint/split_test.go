@@ -127,7 +127,7 @@ var wantPrimaryProtection = []string{
 	`object-add {"id":"iothread1","qom-type":"iothread"}`,
 	`object-add {"compare_timeout":100,"expired_scan_cycle":20,"id":"comp0","iothread":"iothread1","outdev":"compare_out0","primary_in":"compare0-0","qom-type":"colo-compare","secondary_in":"compare1"}`,
 	`migrate-set-capabilities {"capabilities":[{"capability":"events","state":true},{"capability":"pause-before-switchover","state":true},{"capability":"return-path","state":true},{"capability":"x-colo","state":true}]}`,
-	`migrate-set-parameters {"x-checkpoint-delay":200}`,
+	`migrate-set-parameters {"x-checkpoint-delay":200,"tls-creds":""}`,
 	`getfd {"fdname":"mig1"}`,
 	`migrate {"uri":"fd:mig1"}`,
 	`qom-set {"path":"/objects/m0","property":"status","value":"on"}`,

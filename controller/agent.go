@@ -81,8 +81,13 @@ type AgentConfig struct {
 	// PeerAddr is where this agent serves PeerService (host:port), published in the store for
 	// the agents of other hosts; empty when it runs no pair that spans two hosts.
 	PeerAddr string
-	// PeerCreds secure the connections to peer agents (insecure when nil).
+	// PeerCreds secure the connections to peer agents (insecure when nil; PeerTLS's client
+	// credentials when PeerTLS is set).
 	PeerCreds credentials.TransportCredentials
+	// PeerTLS, when set, is this host's certificate: the peer link is mutual TLS, requests are
+	// taken only from the agents of the pairs' peer hosts (peerauth.go), and this host's QEMUs
+	// present it on encrypted replication channels (replicationtls.go).
+	PeerTLS *PeerTLS
 	// StateDir holds one folder per pair, with one per side (saved state, QEMU runtime files).
 	StateDir string
 	// OverlayDir holds the secondaries' overlays, emptied at every checkpoint: tmpfs is best.
@@ -120,6 +125,9 @@ func (c *AgentConfig) defaults() error {
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.DiscardHandler)
+	}
+	if c.PeerCreds == nil && c.PeerTLS != nil {
+		c.PeerCreds = c.PeerTLS.ClientCredentials()
 	}
 	if c.OverlayDir == "" {
 		c.OverlayDir = filepath.Join(c.StateDir, "overlays")
@@ -169,6 +177,7 @@ type Agent struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	links  *grpcLinks
+	auth   peerAuth
 
 	mu    sync.Mutex
 	pairs map[string]*pairRun

@@ -237,6 +237,9 @@ func (r *runner) protect(ctx context.Context, prim *checkpoint.VM, a ActProtect,
 	}
 	g := checkpoint.Generation{N: a.Gen, PrimaryHost: ps.Host, SecondaryHost: res.SecondaryAddress,
 		Ports: checkpoint.Ports{NBD: res.NBDPort, Mirror: ports[0], Compare: ports[1], CompareIn: ports[2], CompareOut: ports[3]}}
+	if err := r.replicationTLS(pc, &ps, &g, true); err != nil {
+		return fail(err)
+	}
 	migAddr := net.JoinHostPort(res.SecondaryAddress, fmt.Sprint(res.MigrationPort))
 	obs := checkpoint.Observe(prim, pc.Spec.Tunables.CheckpointDelay)
 	var link *os.File
@@ -367,6 +370,11 @@ func (r *runner) prepare(ctx context.Context, gen int, pp *pendingPrepare) any {
 	g := checkpoint.Generation{N: gen, PrimaryHost: req.PrimaryAddress, SecondaryHost: ss.Host,
 		Ports: checkpoint.Ports{NBD: ports[0], Mirror: req.MirrorPort, Compare: req.ComparePort,
 			CompareIn: ports[1], CompareOut: ports[2]}} // CompareIn/Out are the primary's own; unused here
+	// Encryption as the store's copy of the pair says (the peer link does not carry the
+	// primary's ReplicationTLS yet).
+	if err := r.replicationTLS(r.config(), &ss, &g, false); err != nil {
+		return fail(err)
+	}
 	if err := ensureDisk(ctx, spec, ss); err != nil {
 		return fail(err)
 	}

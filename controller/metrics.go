@@ -107,7 +107,8 @@ func (m *pairMetrics) failover(took time.Duration, ok bool) {
 func MetricFamilies() []string {
 	return []string{"lockstep_pair_state", "lockstep_failovers_total", "lockstep_checkpoints_total", "lockstep_checkpoint_pause_seconds",
 		"lockstep_checkpoint_bytes", "lockstep_resync_bytes", "lockstep_resync_total_bytes", "lockstep_fencing_epoch",
-		"lockstep_store_reachable", "lockstep_peer_reachable", "lockstep_failover_duration_seconds", "lockstep_store_queue_length"}
+		"lockstep_store_reachable", "lockstep_peer_reachable", "lockstep_failover_duration_seconds", "lockstep_store_queue_length",
+		"lockstep_peer_auth_failures_total"}
 }
 
 // WriteMetrics writes, in Prometheus' text exposition format, the metrics of the pairs this
@@ -200,6 +201,11 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 	family("lockstep_store_queue_length", "gauge", "Store and peer requests of the pair's sides waiting in this agent (never dropped).")
 	for _, r := range rows {
 		fmt.Fprintf(&b, "lockstep_store_queue_length{pair=%q} %d\n", r.st.Name, r.queue)
+	}
+	family("lockstep_peer_auth_failures_total", "counter", "Peer-link connections and requests this agent refused, by reason (peerauth.go).")
+	counts := a.peerAuthCounts()
+	for _, reason := range []string{authHandshake, authNoCert, authNotAPeer, authMismatch} {
+		fmt.Fprintf(&b, "lockstep_peer_auth_failures_total{reason=%q} %d\n", reason, counts[reason])
 	}
 	io.WriteString(w, b.String())
 }

@@ -123,7 +123,8 @@ func (g *grpcLinks) client(ctx context.Context, host string) (pb.PeerServiceClie
 		if err != nil {
 			return nil, fmt.Errorf("peer agent %s: %w", host, err)
 		}
-		nc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(g.creds))
+		// The authority is the host's name: the peer's certificate must name it (peerauth.go).
+		nc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(g.creds), grpc.WithAuthority(host))
 		if err != nil {
 			return nil, fmt.Errorf("peer agent %s at %s: %w", host, addr, err)
 		}
@@ -236,8 +237,13 @@ type PeerServer struct {
 	Agent *Agent
 }
 
-// target is the runner of this host's side of pair, for a request from sender's agent.
-func (s *PeerServer) target(pair, sender string) (*runner, error) {
+// target is the runner of this host's side of pair, for a request from the agent of the host
+// its certificate names (peerauth.go), which must be declared's when the request names one.
+func (s *PeerServer) target(ctx context.Context, pair, declared string) (*runner, error) {
+	sender, err := s.Agent.peerSender(ctx, pair, declared)
+	if err != nil {
+		return nil, err
+	}
 	r, err := s.Agent.remoteTarget(pair, sender)
 	if err != nil {
 		return nil, toGRPC(err)
@@ -258,7 +264,7 @@ func (s *PeerServer) refuse(r *runner, reqEpoch uint64, err error) error {
 
 // Heartbeat exchanges the two sides' views of a pair.
 func (s *PeerServer) Heartbeat(ctx context.Context, req *pb.HeartbeatRequest) (*pb.HeartbeatResponse, error) {
-	r, err := s.target(req.GetPairName(), req.GetSender().GetHost())
+	r, err := s.target(ctx, req.GetPairName(), req.GetSender().GetHost())
 	if err != nil {
 		return nil, err
 	}
@@ -275,7 +281,7 @@ func (s *PeerServer) PrepareSecondary(ctx context.Context, req *pb.PrepareSecond
 	if req.GetGeneration() == 0 || req.GetPorts().GetMirror() == 0 || req.GetPorts().GetCompare() == 0 || req.GetPrimaryAddress() == "" {
 		return nil, status.Error(codes.InvalidArgument, "generation, primary_address, ports.mirror and ports.compare are required")
 	}
-	r, err := s.target(req.GetPairName(), req.GetPrimaryHost())
+	r, err := s.target(ctx, req.GetPairName(), req.GetPrimaryHost())
 	if err != nil {
 		return nil, err
 	}
@@ -298,9 +304,9 @@ func (s *PeerServer) PrepareSecondary(ctx context.Context, req *pb.PrepareSecond
 
 // TearDownSecondary stops the secondary of a generation; idempotent.
 func (s *PeerServer) TearDownSecondary(ctx context.Context, req *pb.TearDownSecondaryRequest) (*pb.TearDownSecondaryResponse, error) {
-	r, err := s.Agent.remoteTarget(req.GetPairName(), "")
+	r, err := s.target(ctx, req.GetPairName(), "")
 	if err != nil {
-		return nil, toGRPC(err)
+		return nil, err
 	}
 	if err := r.peerTearDown(ctx, req.GetEpoch(), int(req.GetGeneration())); err != nil {
 		return nil, s.refuse(r, req.GetEpoch(), err)
@@ -320,9 +326,9 @@ func (s *PeerServer) HandOver(ctx context.Context, req *pb.HandOverRequest) (*pb
 	if !ok {
 		return nil, status.Error(codes.InvalidArgument, "reason: want PLANNED, PRIMARY_FAILED or FORCED")
 	}
-	r, err := s.Agent.remoteTarget(req.GetPairName(), "")
+	r, err := s.target(ctx, req.GetPairName(), "")
 	if err != nil {
-		return nil, toGRPC(err)
+		return nil, err
 	}
 	if err := r.peerHandOver(ctx, req.GetEpoch(), kind, req.GetDetail()); err != nil {
 		return nil, s.refuse(r, req.GetEpoch(), err)

@@ -34,6 +34,10 @@ type EmbeddedConfig struct {
 	StartTimeout time.Duration
 	// Log receives the server's error-level messages (discarded if nil).
 	Log *slog.Logger
+	// TLS, required for an https ClientURL, is the server's certificate and the CA that every
+	// client certificate must chain to: clients without one are refused. The peer URL is then
+	// https too, with the same certificate (EmbeddedTLS).
+	TLS *EmbeddedTLS
 }
 
 // DefaultEmbeddedURL is the default client and peer URL of the embedded server: loopback only,
@@ -67,6 +71,12 @@ func StartEmbedded(cfg EmbeddedConfig) (*Embedded, error) {
 	}
 	if cfg.PeerURL == "" {
 		cfg.PeerURL = DefaultEmbeddedURL
+		if cfg.TLS != nil {
+			cfg.PeerURL = defaultEmbeddedTLSURL
+		}
+	}
+	if err := cfg.checkTLS(); err != nil {
+		return nil, err
 	}
 	if cfg.Name == "" {
 		cfg.Name = "lockstep"
@@ -116,6 +126,7 @@ func startEmbedded(cfg EmbeddedConfig) (_ *Embedded, picked []string, _ error) {
 	ec.AdvertiseClientUrls = []url.URL{*cu}
 	ec.ListenPeerUrls = []url.URL{*pu}
 	ec.AdvertisePeerUrls = []url.URL{*pu}
+	cfg.TLS.apply(ec, cu, pu)
 	ec.InitialCluster = cfg.Name + "=" + pu.String()
 	ec.TickMs = 50
 	ec.ElectionMs = 500

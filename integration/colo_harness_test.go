@@ -101,6 +101,8 @@ type pairEnv struct {
 	// beforeProtect, when set, is called with each generation before its secondary starts
 	// (a capture of its channels must begin before they connect).
 	beforeProtect func(checkpoint.Generation)
+	// tls, when set, encrypts the replication channels (colo_tls_test.go).
+	tls *replTLS
 }
 
 // newPairEnv is a pair on the QEMU hub test LAN with hubPorts VM ports.
@@ -211,6 +213,9 @@ func (e *pairEnv) side(hubPort int) checkpoint.Side {
 	}
 	if e.hub != nil {
 		side.NetSocket = e.hub.VMPorts[hubPort]
+	}
+	if e.tls != nil {
+		side.TLSDir = e.tls.sideDir(e.t, d)
 	}
 	return side
 }

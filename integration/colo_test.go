@@ -215,6 +215,9 @@ func (e *pairEnv) protect(ctx context.Context, primary *checkpoint.VM, hubPort i
 		e.beforeProtect(g)
 	}
 	sec := e.launch(ctx, checkpoint.RoleSecondary, e.side(hubPort), g.Ports)
+	if e.tls != nil {
+		g.TLS = e.tls.generation(primary.Side, sec.Side)
+	}
 	obs := checkpoint.NewObserver(e.spec.Tunables.CheckpointDelay)
 	link := newMigrationLink(e.t)
 	sub := primary.QMP.Subscribe(checkpoint.ObserverEvents...)
@@ -230,6 +233,9 @@ func (e *pairEnv) protect(ctx context.Context, primary *checkpoint.VM, hubPort i
 		DialMigration:   link.dial(obs.SetMigrationSocket),
 		AcceptMigration: link.accept,
 		OnResync:        func(off, l int64) { resyncSeen = l },
+	}
+	if e.tls != nil {
+		cfg.AcceptMigration = e.tls.peekingAccept(link.accept)
 	}
 	seq := checkpoint.StartProtection(cfg)
 	if reprotect {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -29,15 +30,48 @@ import (
 
 // cluster is a two-host test set-up: host A and host B each with a lockstepd in two-host mode,
 // the coordination store served by a third lockstepd on the etcd node, and a client node on the
-// guests' LAN, each in a network namespace of the test's own.
+// guests' LAN, each in a network namespace of the test's own. Everything runs over TLS as in
+// production, with certificates made by lockstepctl certs: the peer link and the store with
+// mutual TLS, and the pair's replication channels encrypted (the default between two hosts).
 type cluster struct {
 	t       *testing.T
 	lab     *netlab.Lab
 	dir     string
 	bin     string
+	pki     string // lockstepctl certs' folder: ca.pem, A, B, etcd and C (the client node's)
 	agents  map[string]*daemon
 	etcd    *daemon
 	etcdURL string
+}
+
+// makePKI writes the lab's CA and host certificates with lockstepctl certs. C is a host that
+// runs no side of any pair: its valid certificate is what an attacker on the client node could
+// have.
+func (c *cluster) makePKI() {
+	c.pki = filepath.Join(c.dir, "pki")
+	args := []string{"certs", "--dir", c.pki}
+	for _, n := range []struct{ name, node string }{{"A", "A"}, {"B", "B"}, {"etcd", "etcd"}, {"C", "client"}} {
+		args = append(args, "--host", n.name+"="+c.lab.Node(n.node).IP().String())
+	}
+	if out, err := exec.Command(filepath.Join(c.bin, "lockstepctl"), args...).CombinedOutput(); err != nil {
+		c.t.Fatalf("lockstepctl certs: %v\n%s", err, out)
+	}
+}
+
+// certArgs are the TLS flags of name's lockstepd: its host certificate for flag's prefix
+// ("peer", "etcd").
+func (c *cluster) certArgs(prefix, name string) []string {
+	return []string{"--" + prefix + "-cert", filepath.Join(c.pki, name+".pem"), "--" + prefix + "-key", filepath.Join(c.pki, name+".key"),
+		"--" + prefix + "-ca", filepath.Join(c.pki, "ca.pem")}
+}
+
+// agentArgs are the flags of host's agent.
+func (c *cluster) agentArgs(host string) []string {
+	n := c.lab.Node(host)
+	args := []string{"--host", host, "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", c.etcdURL,
+		"--metrics-listen", netip.AddrPortFrom(n.IP(), 9464).String()}
+	args = append(args, c.certArgs("peer", host)...)
+	return append(args, c.certArgs("etcd", host)...)
 }
 
 func (c *cluster) start(node *netlab.Node, args ...string) *daemon {
@@ -75,15 +109,15 @@ func newCluster(t *testing.T) (*cluster, *pb.PairSpec) {
 			}
 		}
 	})
-	etcdURL := fmt.Sprintf("http://%s", netip.AddrPortFrom(lab.Node("etcd").IP(), 2379))
-	c.etcd, c.etcdURL = c.start(lab.Node("etcd"), "--etcd-serve", etcdURL), etcdURL
+	c.makePKI()
+	etcdURL := fmt.Sprintf("https://%s", netip.AddrPortFrom(lab.Node("etcd").IP(), 2379))
+	c.etcd, c.etcdURL = c.start(lab.Node("etcd"), append([]string{"--etcd-serve", etcdURL}, c.certArgs("etcd", "etcd")...)...), etcdURL
 	for _, h := range []string{"A", "B"} {
 		n := lab.Node(h)
 		if _, err := n.AddTap("vm0"); err != nil {
 			t.Fatal(err)
 		}
-		c.agents[h] = c.start(n, "--host", h, "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", etcdURL,
-			"--metrics-listen", netip.AddrPortFrom(n.IP(), 9464).String())
+		c.agents[h] = c.start(n, c.agentArgs(h)...)
 	}
 	diskA := filepath.Join(c.dir, "A", "disk.raw")
 	if err := guest.CreateDisk(diskA, guest.DiskSize); err != nil {
@@ -410,9 +444,7 @@ func (c *cluster) agentRestart(w *writer, st *pb.PairStatus, host string, sigter
 			t.Fatalf("%s's QEMU (pid %d) ended with %s's agent", h, pid, host)
 		}
 	}
-	n := c.lab.Node(host)
-	c.agents[host] = c.start(n, "--host", host, "--peer-listen", netip.AddrPortFrom(n.IP(), 7444).String(), "--etcd-endpoints", c.etcdURL,
-		"--metrics-listen", netip.AddrPortFrom(n.IP(), 9464).String())
+	c.agents[host] = c.start(c.lab.Node(host), c.agentArgs(host)...)
 	back := c.waitOn(host, pb.PairState_PAIR_STATE_PROTECTED, 30*time.Second)
 	t.Logf("%s's agent back %v after it was stopped", host, time.Since(t0).Round(time.Millisecond))
 	w.waitAcked(t, w.Acked()+25, 30*time.Second)

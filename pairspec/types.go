@@ -149,6 +149,11 @@ type Tunables struct {
 	// starts, at most 10m. Unset: 15s under TCG, none under KVM; 0s (or none): none. Fixed at
 	// creation.
 	BootSettle *Duration `yaml:"bootSettle,omitempty" json:"bootSettle,omitempty"`
+	// ReplicationTLS says whether the channels between the pair's two QEMUs (the checkpoint
+	// stream, the disk writes over NBD, the mirrored and compared network traffic) run over TLS
+	// with the hosts' certificates: auto (the default: encrypted when the sides run on two
+	// hosts), on or off.
+	ReplicationTLS string `yaml:"replicationTLS,omitempty" json:"replicationTLS,omitempty"`
 }
 
 // Placement is where one side of the pair runs.

@@ -164,6 +164,12 @@ type MigrationParameters struct {
 	XCheckpointDelay *uint32 `json:"x-checkpoint-delay,omitempty"`
 	MaxBandwidth     *uint64 `json:"max-bandwidth,omitempty"`
 	DowntimeLimit    *uint64 `json:"downtime-limit,omitempty"`
+	// TLSCreds names the tls-creds-x509 object of an encrypted migration ("" turns TLS off);
+	// TLSHostname is what the outgoing side checks the incoming side's certificate against;
+	// TLSAuthz names the object that authorizes the outgoing side's certificate.
+	TLSCreds    *string `json:"tls-creds,omitempty"`
+	TLSHostname *string `json:"tls-hostname,omitempty"`
+	TLSAuthz    *string `json:"tls-authz,omitempty"`
 }
 
 // MigrateSetParameters sets migration parameters. During COLO a new x-checkpoint-delay is taken

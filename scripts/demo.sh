@@ -45,8 +45,8 @@ client_ip=10.79.0.100
 pids=()
 cleanup() {
 	set +e
-	if [ -S "$work/api.sock" ]; then
-		"$BUILD/bin/lockstepctl" --addr "unix://$work/api.sock" delete db1 >/dev/null 2>&1
+	if [ -n "${api_port:-}" ]; then
+		ctl delete db1 >/dev/null 2>&1
 	fi
 	for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
 	sleep 0.5
@@ -88,14 +88,26 @@ if ! grep -qsE "^allow ($bridge|all)\$" "$acl"; then
 	echo "allow $bridge" >>"$acl"
 fi
 
-say "lockstepd in $ns_host, API on $work/api.sock"
+# Certificates, as on real hosts: the agent's API and its store run over mutual TLS. Both
+# listen in $ns_host (a fresh namespace: any port is free there), where lockstepctl runs too.
+api_port=7443 etcd_port=2379
+say "certificates: lockstepctl certs (a test CA, the host's and the operator's)"
+"$BUILD/bin/lockstepctl" certs --dir "$work/pki" --host demo=127.0.0.1 --client operator
+pki=$work/pki
+ctl() {
+	ip netns exec "$ns_host" "$BUILD/bin/lockstepctl" --addr "tcp://127.0.0.1:$api_port" \
+		--tls-cert "$pki/operator.pem" --tls-key "$pki/operator.key" --tls-ca "$pki/ca.pem" "$@"
+}
+
+say "lockstepd in $ns_host, API on tcp://127.0.0.1:$api_port and its store on https://127.0.0.1:$etcd_port, both mutual TLS"
 # ip netns exec replaces itself with lockstepd, so $! is lockstepd's PID.
-ip netns exec "$ns_host" "$BUILD/bin/lockstepd" --state-dir "$work/state" --overlay-dir "$ovl" --listen "unix://$work/api.sock" \
+ip netns exec "$ns_host" "$BUILD/bin/lockstepd" --state-dir "$work/state" --overlay-dir "$ovl" --host demo \
+	--listen "tcp://127.0.0.1:$api_port" --tls-cert "$pki/demo.pem" --tls-key "$pki/demo.key" --tls-ca "$pki/ca.pem" \
+	--etcd-serve "https://127.0.0.1:$etcd_port" --etcd-cert "$pki/demo.pem" --etcd-key "$pki/demo.key" --etcd-ca "$pki/ca.pem" \
 	>"$work/lockstepd.log" 2>&1 &
 agent=$!
 pids+=("$agent")
-ctl() { "$BUILD/bin/lockstepctl" --addr "unix://$work/api.sock" "$@"; }
-for _ in $(seq 100); do [ -S "$work/api.sock" ] && break; sleep 0.1; done
+for _ in $(seq 100); do ctl list >/dev/null 2>&1 && break; sleep 0.1; done
 
 truncate -s 64M "$work/disk-a.raw"
 cat >"$work/db1.yaml" <<YAML

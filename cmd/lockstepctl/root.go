@@ -130,7 +130,7 @@ func (a *app) newRootCommand() *cobra.Command {
 		c.GroupID = "pairs"
 		root.AddCommand(c)
 	}
-	for _, c := range []*cobra.Command{a.newConvertCommand(), a.newCompletionCommand(root)} {
+	for _, c := range []*cobra.Command{a.newConvertCommand(), a.newCertsCommand(), a.newCompletionCommand(root)} {
 		c.GroupID = "other"
 		root.AddCommand(c)
 	}

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -52,6 +53,9 @@ type config struct {
 	// Two hosts: this agent's name and peer address, the store, the timings.
 	Host              string        `yaml:"host"`
 	PeerListen        string        `yaml:"peer-listen"`
+	PeerCert          string        `yaml:"peer-cert"`
+	PeerKey           string        `yaml:"peer-key"`
+	PeerCA            string        `yaml:"peer-ca"`
 	EtcdEndpoints     string        `yaml:"etcd-endpoints"`
 	EtcdCert          string        `yaml:"etcd-cert"`
 	EtcdKey           string        `yaml:"etcd-key"`
@@ -83,12 +87,27 @@ Examples:
   # TCP with mutual TLS.
   lockstepd --listen tcp://0.0.0.0:7443 --tls-cert agent.pem --tls-key agent.key --tls-ca ca.pem
 
-  # Pairs spanning two hosts: this host is "hosta", its peers reach it on 10.0.0.1:7444, and the
-  # pairs' specs and primary leases live in etcd.
-  lockstepd --host hosta --peer-listen 10.0.0.1:7444 --etcd-endpoints http://10.0.0.9:2379
+  # Certificates for two hosts and the store's host, from a test CA (see lockstepctl certs):
+  lockstepctl certs --dir /etc/lockstep/pki --host hosta=10.0.0.1 --host hostb=10.0.0.2 --host etcd=10.0.0.9
 
-  # The host of the coordination store itself: an etcd server inside lockstepd.
-  lockstepd --etcd-serve http://10.0.0.9:2379
+  # Pairs spanning two hosts: this host is "hosta", its peers reach it on 10.0.0.1:7444, the
+  # pairs' specs and primary leases live in etcd; everything over mutual TLS with the host's
+  # certificate (the peer link, the store, and the pairs' replication channels).
+  lockstepd --host hosta --peer-listen 10.0.0.1:7444 \
+    --peer-cert hosta.pem --peer-key hosta.key --peer-ca ca.pem \
+    --etcd-endpoints https://10.0.0.9:2379 --etcd-cert hosta.pem --etcd-key hosta.key --etcd-ca ca.pem
+
+  # The host of the coordination store itself: an etcd server inside lockstepd, over TLS, that
+  # accepts only clients with a certificate from the CA.
+  lockstepd --etcd-serve https://10.0.0.9:2379 --etcd-cert etcd.pem --etcd-key etcd.key --etcd-ca ca.pem
+
+The peer link and the store carry who may fail a VM over: on an address other hosts can reach
+they need TLS, and plaintext there only comes with an explicit --insecure. A host certificate
+names its host (a URI SAN lockstep://host/NAME, or a DNS SAN, and the subject common name NAME)
+and lists the host's addresses as IP SANs; an agent takes peer requests for a pair only from
+the host that the pair's placement names opposite its own side. The pairs' replication channels
+(migration, NBD, mirror and compare) are encrypted with the same certificate when the pair's
+sides run on two hosts (tunable replication_tls: auto, on, off).
 
 SIGTERM or SIGINT stops the agent; its QEMUs keep running and the next agent adopts them, so
 restarting or upgrading lockstepd fails nothing over. (A QEMU in COLO releases nothing its
@@ -119,7 +138,7 @@ func run(args []string) int {
 	fs.StringVar(&cfg.StateDir, "state-dir", cfg.StateDir, "folder for the pairs' specs, state and QEMU runtime files")
 	fs.StringVar(&cfg.OverlayDir, "overlay-dir", cfg.OverlayDir, "folder for the secondaries' disk overlays, emptied at every checkpoint (tmpfs is best)")
 	fs.StringVar(&cfg.Listen, "listen", cfg.Listen, "API address: unix:///path or tcp://host:port (TCP needs --tls-* or --insecure)")
-	fs.BoolVar(&cfg.Insecure, "insecure", false, "allow a TCP listener without TLS")
+	fs.BoolVar(&cfg.Insecure, "insecure", false, "allow plaintext on addresses other hosts can reach: a TCP API listener, --peer-listen and http:// etcd URLs without TLS")
 	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "server certificate (PEM) for a TCP listener")
 	fs.StringVar(&cfg.TLSKey, "tls-key", "", "server key (PEM)")
 	fs.StringVar(&cfg.TLSCA, "tls-ca", "", "CA (PEM) that client certificates must chain to")
@@ -129,12 +148,15 @@ func run(args []string) int {
 	fs.DurationVar(&cfg.CheckInterval, "check-interval", cfg.CheckInterval, "how often each QEMU's health is checked over QMP")
 	fs.DurationVar(&cfg.CheckTimeout, "check-timeout", cfg.CheckTimeout, "a QEMU that does not answer a check within this is taken as hung")
 	fs.StringVar(&cfg.Host, "host", "", "this agent's host name (default: the machine's host name): pair placements name hosts so; a placement that names no host is this one")
-	fs.StringVar(&cfg.PeerListen, "peer-listen", "", "host:port for the PeerService of the agents of other hosts; needed for pairs that span two hosts")
+	fs.StringVar(&cfg.PeerListen, "peer-listen", "", "host:port for the PeerService of the agents of other hosts; needed for pairs that span two hosts (mutual TLS with --peer-cert, or --insecure)")
+	fs.StringVar(&cfg.PeerCert, "peer-cert", "", "this host's certificate (PEM) for the peer link, both ways, and for its QEMUs' encrypted replication; default with --peer-listen: --tls-cert, if that is a host certificate")
+	fs.StringVar(&cfg.PeerKey, "peer-key", "", "key (PEM) of --peer-cert (default: --tls-key, as --peer-cert)")
+	fs.StringVar(&cfg.PeerCA, "peer-ca", "", "CA (PEM) that the other hosts' certificates must chain to (default: --tls-ca, as --peer-cert)")
 	fs.StringVar(&cfg.EtcdEndpoints, "etcd-endpoints", "", "comma-separated etcd client URLs of the coordination store, which holds the pairs' specs, leases and primary records; empty: an etcd server inside lockstepd on loopback, data in the state folder")
-	fs.StringVar(&cfg.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd over TLS")
-	fs.StringVar(&cfg.EtcdKey, "etcd-key", "", "client key (PEM) for etcd over TLS")
-	fs.StringVar(&cfg.EtcdCA, "etcd-ca", "", "CA (PEM) of the etcd servers")
-	fs.StringVar(&cfg.EtcdServe, "etcd-serve", "", "serve an etcd server inside lockstepd at this client URL, data in the state folder (e.g. http://10.0.0.9:2379)")
+	fs.StringVar(&cfg.EtcdCert, "etcd-cert", "", "client certificate (PEM) for etcd over TLS; with an https --etcd-serve also the server's certificate")
+	fs.StringVar(&cfg.EtcdKey, "etcd-key", "", "key (PEM) of --etcd-cert")
+	fs.StringVar(&cfg.EtcdCA, "etcd-ca", "", "CA (PEM) of the etcd servers; with an https --etcd-serve also the CA that clients' certificates must chain to (clients without one are refused)")
+	fs.StringVar(&cfg.EtcdServe, "etcd-serve", "", "serve an etcd server inside lockstepd at this client URL, data in the state folder (e.g. https://10.0.0.9:2379 with --etcd-cert, --etcd-key, --etcd-ca)")
 	fs.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 100*time.Millisecond, "how often the two sides of a pair exchange heartbeats")
 	fs.DurationVar(&cfg.HeartbeatTimeout, "heartbeat-timeout", 500*time.Millisecond, "a peer not heard from for this long is unreachable")
 	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", time.Second, "the primary lease's time to live, whole seconds (a lost host fails over about this long after it died)")
@@ -159,6 +181,18 @@ func run(args []string) int {
 		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
 		return 2
 	}
+	peerTLS, err := loadPeerTLS(cfg)
+	if err == nil {
+		err = checkPlaintext(cfg, peerTLS != nil)
+	}
+	var etcdTLS *coord.EmbeddedTLS
+	if err == nil {
+		etcdTLS, err = embeddedTLS(cfg)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
+		return 2
+	}
 	lis, creds, err := listen(cfg)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
@@ -176,7 +210,7 @@ func run(args []string) int {
 	// have.
 	if cfg.EtcdServe != "" || cfg.EtcdEndpoints == "" {
 		url := cfg.EtcdServe
-		emb, err = coord.StartEmbedded(coord.EmbeddedConfig{Dir: filepath.Join(cfg.StateDir, "_etcd"), ClientURL: url, Log: log})
+		emb, err = coord.StartEmbedded(coord.EmbeddedConfig{Dir: filepath.Join(cfg.StateDir, "_etcd"), ClientURL: url, Log: log, TLS: etcdTLS})
 		if err != nil {
 			lis.Close()
 			log.Error("cannot start the embedded etcd server", "err", err)
@@ -191,7 +225,7 @@ func run(args []string) int {
 		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
 		return 2
 	}
-	agent, cleanup, err := startAgent(cfg, host, emb, srv, log, watchCfg)
+	agent, cleanup, err := startAgent(cfg, host, emb, peerTLS, log, watchCfg)
 	if err != nil {
 		lis.Close()
 		fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
@@ -256,7 +290,7 @@ func run(args []string) int {
 // layout's keys, whose pairs the agent moves), the agent itself and, with --peer-listen, the
 // PeerService listener for the agents of other hosts. The returned function stops them; the
 // QEMUs keep running.
-func startAgent(cfg config, host string, emb *coord.Embedded, srv *grpc.Server, log *slog.Logger, watch checkpoint.WatchConfig) (*controller.Agent, func(), error) {
+func startAgent(cfg config, host string, emb *coord.Embedded, peerTLS *controller.PeerTLS, log *slog.Logger, watch checkpoint.WatchConfig) (*controller.Agent, func(), error) {
 	store, endpoints, err := openStore(cfg, emb, log, "")
 	if err != nil {
 		return nil, nil, err
@@ -288,7 +322,7 @@ func startAgent(cfg config, host string, emb *coord.Embedded, srv *grpc.Server, 
 	}
 	agent, err := controller.NewAgent(controller.AgentConfig{
 		Host: host, PeerAddr: peerAddr, StateDir: cfg.StateDir, OverlayDir: cfg.OverlayDir, Store: store, Legacy: legacy, Log: log, Watch: watch,
-		Fence:             keeper,
+		Fence: keeper, PeerTLS: peerTLS,
 		HeartbeatInterval: cfg.HeartbeatInterval, HeartbeatTimeout: cfg.HeartbeatTimeout, LeaseTTL: cfg.LeaseTTL,
 	})
 	if err != nil {
@@ -303,11 +337,27 @@ func startAgent(cfg config, host string, emb *coord.Embedded, srv *grpc.Server, 
 	var psrv *grpc.Server
 	if pl != nil {
 		// The peer service has its own listener: the agents' network, not the operators'.
-		psrv = grpc.NewServer()
+		var opts []grpc.ServerOption
+		if peerTLS != nil {
+			creds, err := agent.PeerServerCredentials()
+			if err != nil {
+				pl.Close()
+				agent.Close()
+				keeper.Close()
+				legacy.Close()
+				store.Close()
+				return nil, nil, err
+			}
+			opts = append(opts, grpc.Creds(creds))
+		}
+		psrv = grpc.NewServer(opts...)
 		pb.RegisterPeerServiceServer(psrv, &controller.PeerServer{Agent: agent})
 		go func() { _ = psrv.Serve(pl) }()
 	}
-	log.Info("agent", "host", host, "peer-listen", peerAddr, "etcd", endpoints, "embedded", emb != nil)
+	if peerTLS != nil && !slices.Contains(peerTLS.Names(), host) {
+		log.Warn("the peer certificate does not name this host: the other hosts' agents will refuse it", "host", host, "certificate", peerTLS.Names())
+	}
+	log.Info("agent", "host", host, "peer-listen", peerAddr, "peer-tls", peerTLS != nil, "etcd", endpoints, "embedded", emb != nil)
 	return agent, func() {
 		if psrv != nil {
 			psrv.Stop()
@@ -409,6 +459,32 @@ func loadConfig(path string, cfg *config, fs *flag.FlagSet) error {
 			saved.CheckInterval = fromFile.CheckInterval
 		case "check-timeout":
 			saved.CheckTimeout = fromFile.CheckTimeout
+		case "host":
+			saved.Host = fromFile.Host
+		case "peer-listen":
+			saved.PeerListen = fromFile.PeerListen
+		case "peer-cert":
+			saved.PeerCert = fromFile.PeerCert
+		case "peer-key":
+			saved.PeerKey = fromFile.PeerKey
+		case "peer-ca":
+			saved.PeerCA = fromFile.PeerCA
+		case "etcd-endpoints":
+			saved.EtcdEndpoints = fromFile.EtcdEndpoints
+		case "etcd-cert":
+			saved.EtcdCert = fromFile.EtcdCert
+		case "etcd-key":
+			saved.EtcdKey = fromFile.EtcdKey
+		case "etcd-ca":
+			saved.EtcdCA = fromFile.EtcdCA
+		case "etcd-serve":
+			saved.EtcdServe = fromFile.EtcdServe
+		case "heartbeat-interval":
+			saved.HeartbeatInterval = fromFile.HeartbeatInterval
+		case "heartbeat-timeout":
+			saved.HeartbeatTimeout = fromFile.HeartbeatTimeout
+		case "lease-ttl":
+			saved.LeaseTTL = fromFile.LeaseTTL
 		}
 	}
 	*cfg = saved

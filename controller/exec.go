@@ -230,14 +230,15 @@ func (r *runner) protect(ctx context.Context, prim *checkpoint.VM, a ActProtect,
 	}
 	pctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
+	tlsOn := r.a.replicationTLSOn(pc)
 	res, err := r.link.Prepare(pctx, PrepareArgs{Pair: r.name, Epoch: a.Epoch, Gen: a.Gen, Config: pc, PrimaryHost: pc.Sides[r.side].Agent,
-		PrimaryAddress: ps.Host, PrimaryQEMUVersion: version, MirrorPort: ports[0], ComparePort: ports[1]})
+		PrimaryAddress: ps.Host, PrimaryQEMUVersion: version, MirrorPort: ports[0], ComparePort: ports[1], TLS: tlsOn})
 	if err != nil {
 		return fail(fmt.Errorf("the peer could not prepare a secondary: %w", err))
 	}
 	g := checkpoint.Generation{N: a.Gen, PrimaryHost: ps.Host, SecondaryHost: res.SecondaryAddress,
 		Ports: checkpoint.Ports{NBD: res.NBDPort, Mirror: ports[0], Compare: ports[1], CompareIn: ports[2], CompareOut: ports[3]}}
-	if err := r.replicationTLS(pc, &ps, &g, true); err != nil {
+	if err := r.replicationTLS(pc, tlsOn, &ps, &g, true); err != nil {
 		return fail(err)
 	}
 	migAddr := net.JoinHostPort(res.SecondaryAddress, fmt.Sprint(res.MigrationPort))
@@ -370,9 +371,8 @@ func (r *runner) prepare(ctx context.Context, gen int, pp *pendingPrepare) any {
 	g := checkpoint.Generation{N: gen, PrimaryHost: req.PrimaryAddress, SecondaryHost: ss.Host,
 		Ports: checkpoint.Ports{NBD: ports[0], Mirror: req.MirrorPort, Compare: req.ComparePort,
 			CompareIn: ports[1], CompareOut: ports[2]}} // CompareIn/Out are the primary's own; unused here
-	// Encryption as the store's copy of the pair says (the peer link does not carry the
-	// primary's ReplicationTLS yet).
-	if err := r.replicationTLS(r.config(), &ss, &g, false); err != nil {
+	// Encryption as the primary's agent decided for the generation.
+	if err := r.replicationTLS(r.config(), req.TLS, &ss, &g, false); err != nil {
 		return fail(err)
 	}
 	if err := ensureDisk(ctx, spec, ss); err != nil {

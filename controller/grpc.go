@@ -127,6 +127,11 @@ func PairConfigFromProto(s *pb.PairSpec) (PairConfig, error) {
 		sp.Tunables.CompareTimeout = t.GetCompareTimeout().AsDuration()
 		sp.Tunables.MaxBandwidth = t.GetMaxBandwidthBytesPerSecond()
 		sp.Tunables.NoRewriter = t.GetNoRewriter()
+		m, err := replicationTLSFromProto(t.GetReplicationTls())
+		if err != nil {
+			return pc, err
+		}
+		sp.Tunables.ReplicationTLS = m
 		if b := t.GetBootSettle(); b != nil {
 			if err := b.CheckValid(); err != nil {
 				return pc, bad("tunables.boot_settle", "%v", err)
@@ -213,9 +218,32 @@ func bootSettleToProto(d time.Duration) *durationpb.Duration {
 	}
 }
 
+func replicationTLSFromProto(m pb.ReplicationTls) (checkpoint.TLSMode, error) {
+	switch m {
+	case pb.ReplicationTls_REPLICATION_TLS_UNSPECIFIED, pb.ReplicationTls_REPLICATION_TLS_AUTO:
+		return checkpoint.TLSAuto, nil
+	case pb.ReplicationTls_REPLICATION_TLS_ON:
+		return checkpoint.TLSOn, nil
+	case pb.ReplicationTls_REPLICATION_TLS_OFF:
+		return checkpoint.TLSOff, nil
+	}
+	return "", bad("tunables.replication_tls", "unknown value %d", m)
+}
+
+func replicationTLSToProto(m checkpoint.TLSMode) pb.ReplicationTls {
+	switch m {
+	case checkpoint.TLSOn:
+		return pb.ReplicationTls_REPLICATION_TLS_ON
+	case checkpoint.TLSOff:
+		return pb.ReplicationTls_REPLICATION_TLS_OFF
+	}
+	return pb.ReplicationTls_REPLICATION_TLS_AUTO
+}
+
 func tunablesToProto(t checkpoint.Tunables) *pb.Tunables {
 	return &pb.Tunables{CheckpointDelay: durationpb.New(t.CheckpointDelay), CompareTimeout: durationpb.New(t.CompareTimeout),
-		MaxBandwidthBytesPerSecond: t.MaxBandwidth, NoRewriter: t.NoRewriter, BootSettle: bootSettleToProto(t.BootSettle)}
+		MaxBandwidthBytesPerSecond: t.MaxBandwidth, NoRewriter: t.NoRewriter, BootSettle: bootSettleToProto(t.BootSettle),
+		ReplicationTls: replicationTLSToProto(t.ReplicationTLS)}
 }
 
 var stateToProto = map[State]pb.PairState{
@@ -436,6 +464,16 @@ func (s *PairServer) SetParameters(ctx context.Context, req *pb.SetParametersReq
 	if req.MaxBandwidthBytesPerSecond != nil {
 		t.MaxBandwidth = req.GetMaxBandwidthBytesPerSecond()
 	}
+	if m := req.GetReplicationTls(); m != pb.ReplicationTls_REPLICATION_TLS_UNSPECIFIED {
+		mode, err := replicationTLSFromProto(m)
+		if err != nil {
+			return nil, toGRPC(bad("replication_tls", "unknown value %d", m))
+		}
+		if mode == checkpoint.TLSAuto {
+			mode = "auto" // (TLSAuto is the empty value: "unchanged" in a Tunables of changes)
+		}
+		t.ReplicationTLS = mode
+	}
 	if err := s.Agent.SetParameters(ctx, req.GetName(), t); err != nil {
 		return nil, toGRPC(err)
 	}
@@ -457,6 +495,13 @@ func mergeTunables(spec checkpoint.Spec, t checkpoint.Tunables) (checkpoint.Spec
 	}
 	if t.CompareTimeout != 0 {
 		return spec, &checkpoint.FieldError{Field: "compare_timeout", Reason: "takes effect at the next protection only; not changeable at run time"}
+	}
+	switch t.ReplicationTLS {
+	case "": // unchanged
+	case "auto":
+		spec.Tunables.ReplicationTLS = checkpoint.TLSAuto
+	default:
+		spec.Tunables.ReplicationTLS = t.ReplicationTLS
 	}
 	if err := spec.Validate(); err != nil {
 		return spec, err

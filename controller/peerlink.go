@@ -44,6 +44,8 @@ type PrepareArgs struct {
 	PrimaryHost, PrimaryAddress string
 	PrimaryQEMUVersion          string
 	MirrorPort, ComparePort     int
+	// TLS: the generation's replication channels are encrypted (the primary's decision).
+	TLS bool
 }
 
 // PrepareResult says where the prepared secondary waits.
@@ -179,7 +181,7 @@ func (l remoteLink) Prepare(ctx context.Context, a PrepareArgs) (PrepareResult, 
 	}
 	resp, err := c.PrepareSecondary(ctx, &pb.PrepareSecondaryRequest{
 		PairName: a.Pair, Epoch: a.Epoch, Generation: uint64(a.Gen), Spec: PairSpecToProto(a.Config), PrimaryHost: a.PrimaryHost,
-		PrimaryAddress: a.PrimaryAddress, PrimaryQemuVersion: a.PrimaryQEMUVersion, ResyncDisk: true,
+		PrimaryAddress: a.PrimaryAddress, PrimaryQemuVersion: a.PrimaryQEMUVersion, ResyncDisk: true, ReplicationTls: a.TLS,
 		Ports: &pb.ProtectionPorts{Mirror: uint32(a.MirrorPort), Compare: uint32(a.ComparePort)},
 	})
 	if err != nil {
@@ -291,7 +293,7 @@ func (s *PeerServer) PrepareSecondary(ctx context.Context, req *pb.PrepareSecond
 	}
 	res, err := r.peerPrepare(ctx, PrepareArgs{Pair: req.GetPairName(), Epoch: req.GetEpoch(), Gen: int(req.GetGeneration()), Config: pc,
 		PrimaryHost: req.GetPrimaryHost(), PrimaryAddress: req.GetPrimaryAddress(), PrimaryQEMUVersion: req.GetPrimaryQemuVersion(),
-		MirrorPort: int(req.GetPorts().GetMirror()), ComparePort: int(req.GetPorts().GetCompare())})
+		MirrorPort: int(req.GetPorts().GetMirror()), ComparePort: int(req.GetPorts().GetCompare()), TLS: req.GetReplicationTls()})
 	if err != nil {
 		if errors.Is(err, ErrStaleEpoch) || errors.Is(err, ErrWrongState) {
 			return nil, s.refuse(r, req.GetEpoch(), err)

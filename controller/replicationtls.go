@@ -26,12 +26,13 @@ func (a *Agent) replicationTLSOn(pc PairConfig) bool {
 	return m.Enabled(pc.Sides[0].Agent != pc.Sides[1].Agent)
 }
 
-// replicationTLS prepares side's QEMU for an encrypted generation g of pc, when the pair's
-// replication is encrypted: it writes the side's credentials folder, sets side.TLSDir and fills
-// in this side's part of g.TLS (its folder and the peer host's name). primary says which role
-// this side has in g. Without encryption it leaves both alone.
-func (r *runner) replicationTLS(pc PairConfig, side *checkpoint.Side, g *checkpoint.Generation, primary bool) error {
-	if !r.a.replicationTLSOn(pc) {
+// replicationTLS prepares side's QEMU for an encrypted generation g of pc, when on (the
+// primary's agent decides, replicationTLSOn, and tells the secondary's): it writes the side's
+// credentials folder, sets side.TLSDir and fills in this side's part of g.TLS (its folder and
+// the peer host's name). primary says which role this side has in g. Without encryption it
+// leaves both alone.
+func (r *runner) replicationTLS(pc PairConfig, on bool, side *checkpoint.Side, g *checkpoint.Generation, primary bool) error {
+	if !on {
 		return nil
 	}
 	p := r.a.cfg.PeerTLS

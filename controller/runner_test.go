@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -174,7 +175,7 @@ func (q *fakeQEMU) script() {
 	schema := `[{"name":"query-migrate-capabilities","meta-type":"command","arg-type":"9"},{"name":"blockdev-add","meta-type":"command","arg-type":"0"},{"name":"0","meta-type":"object","members":[],"variants":[{"case":"nbd","type":"1"}]},{"name":"announce-self","meta-type":"command","arg-type":"0"}]`
 	srv.Handle("query-version", qmptest.Return(map[string]any{"qemu": map[string]int{"major": 11, "minor": 1, "micro": 3}}))
 	srv.Handle("query-qmp-schema", func(c *qmptest.Conn, r *qmptest.Request) {
-		c.Send(`{"return": ` + schema + `, "id": ` + string(r.ID) + `}`)
+		c.Reply(r, json.RawMessage(schema))
 	})
 	srv.Handle("query-migrate-capabilities", qmptest.Return([]qmp.MigrationCapability{{Capability: "x-colo"}, {Capability: "return-path"}, {Capability: "events"}, {Capability: "pause-before-switchover"}}))
 	q.handle("query-status", func(c *qmptest.Conn, r *qmptest.Request) {

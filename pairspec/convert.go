@@ -62,8 +62,12 @@ func (t *Tunables) toProto() *pb.Tunables {
 	if t.BootSettle != nil {
 		out.BootSettle = durationpb.New(t.BootSettle.D())
 	}
+	out.ReplicationTls = replicationTLSToProto[t.ReplicationTLS]
 	return out
 }
+
+var replicationTLSToProto = map[string]pb.ReplicationTls{"": pb.ReplicationTls_REPLICATION_TLS_UNSPECIFIED,
+	"auto": pb.ReplicationTls_REPLICATION_TLS_AUTO, "on": pb.ReplicationTls_REPLICATION_TLS_ON, "off": pb.ReplicationTls_REPLICATION_TLS_OFF}
 
 // enumWord is an enum value's name in plain words: PAIR_STATE_FAILING_OVER is failing-over.
 func enumWord(name, prefix string) string {
@@ -159,6 +163,9 @@ func tunablesFromProto(t *pb.Tunables) Tunables {
 	if b := t.GetBootSettle(); b != nil {
 		d := Duration(b.AsDuration())
 		out.BootSettle = &d
+	}
+	if m := t.GetReplicationTls(); m != pb.ReplicationTls_REPLICATION_TLS_UNSPECIFIED {
+		out.ReplicationTLS = enumWord(m.String(), "REPLICATION_TLS_")
 	}
 	return out
 }

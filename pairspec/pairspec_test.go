@@ -226,7 +226,7 @@ func TestDecodeBad(t *testing.T) {
 		{"boot settle negative", edit(t, "checkpointDelay: 200ms", "bootSettle: -1s"), "spec.bootSettle", "bootSettle", 0, "want 0s (none) to 10m"},
 		{"bandwidth a word", edit(t, "checkpointDelay: 200ms", "maxBandwidth: fast"), "spec.maxBandwidth", "maxBandwidth", 0, "bytes per second"},
 		{"replication TLS a word", edit(t, "checkpointDelay: 200ms", "replicationTLS: maybe"), "spec.replicationTLS", "replicationTLS", 0, "want auto, on or off"},
-		{"replication TLS off, not carried yet", edit(t, "checkpointDelay: 200ms", "replicationTLS: \"off\""), "spec.replicationTLS", "replicationTLS", 0, "does not carry this setting yet"},
+		{"replication TLS bad", edit(t, "checkpointDelay: 200ms", "replicationTLS: maybe"), "spec.replicationTLS", "replicationTLS", 0, "want auto, on or off"},
 		{"replication TLS auto", edit(t, "checkpointDelay: 200ms", "replicationTLS: auto"), "", "", 0, ""},
 		{"auto re-protect yes", edit(t, "checkpointDelay: 200ms", "autoReprotect: yes"), "spec.autoReprotect", "autoReprotect", 0, "want true or false"},
 		{"no primary host", edit(t, "  primary:\n    host: 127.0.0.1\n", "  primary:\n"), "spec.primary.host", "primary:", 0, "missing"},

@@ -172,10 +172,7 @@ func validate(p *Pair, at func(field string) (int, int)) Errors {
 		}
 	}
 	switch t.ReplicationTLS {
-	case "", "auto":
-	case "on", "off":
-		// Refused rather than dropped on the way: the API has no field for it yet.
-		bad("spec.replicationTLS", "%q: the agent's API does not carry this setting yet; leave it out (auto: encrypted when the sides run on two hosts)", t.ReplicationTLS)
+	case "", "auto", "on", "off":
 	default:
 		bad("spec.replicationTLS", "%q: want auto, on or off", t.ReplicationTLS)
 	}

@@ -263,6 +263,63 @@ func (NicBackend) EnumDescriptor() ([]byte, []int) {
 	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{3}
 }
 
+// ReplicationTls is whether a pair's replication channels are encrypted.
+type ReplicationTls int32
+
+const (
+	// Unset: AUTO.
+	ReplicationTls_REPLICATION_TLS_UNSPECIFIED ReplicationTls = 0
+	// Encrypted when the two sides run on two hosts and their agents have certificates.
+	ReplicationTls_REPLICATION_TLS_AUTO ReplicationTls = 1
+	// Always encrypted: a protection fails on an agent without a certificate.
+	ReplicationTls_REPLICATION_TLS_ON ReplicationTls = 2
+	// Never encrypted.
+	ReplicationTls_REPLICATION_TLS_OFF ReplicationTls = 3
+)
+
+// Enum value maps for ReplicationTls.
+var (
+	ReplicationTls_name = map[int32]string{
+		0: "REPLICATION_TLS_UNSPECIFIED",
+		1: "REPLICATION_TLS_AUTO",
+		2: "REPLICATION_TLS_ON",
+		3: "REPLICATION_TLS_OFF",
+	}
+	ReplicationTls_value = map[string]int32{
+		"REPLICATION_TLS_UNSPECIFIED": 0,
+		"REPLICATION_TLS_AUTO":        1,
+		"REPLICATION_TLS_ON":          2,
+		"REPLICATION_TLS_OFF":         3,
+	}
+)
+
+func (x ReplicationTls) Enum() *ReplicationTls {
+	p := new(ReplicationTls)
+	*p = x
+	return p
+}
+
+func (x ReplicationTls) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ReplicationTls) Descriptor() protoreflect.EnumDescriptor {
+	return file_lockstep_v1_lockstep_proto_enumTypes[4].Descriptor()
+}
+
+func (ReplicationTls) Type() protoreflect.EnumType {
+	return &file_lockstep_v1_lockstep_proto_enumTypes[4]
+}
+
+func (x ReplicationTls) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ReplicationTls.Descriptor instead.
+func (ReplicationTls) EnumDescriptor() ([]byte, []int) {
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{4}
+}
+
 // PairState is the state of a pair.
 type PairState int32
 
@@ -324,11 +381,11 @@ func (x PairState) String() string {
 }
 
 func (PairState) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[4].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[5].Descriptor()
 }
 
 func (PairState) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[4]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[5]
 }
 
 func (x PairState) Number() protoreflect.EnumNumber {
@@ -337,7 +394,7 @@ func (x PairState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use PairState.Descriptor instead.
 func (PairState) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{4}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{5}
 }
 
 // ColoMode is a QEMU's COLO mode, as query-colo-status reports it.
@@ -381,11 +438,11 @@ func (x ColoMode) String() string {
 }
 
 func (ColoMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[5].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[6].Descriptor()
 }
 
 func (ColoMode) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[5]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[6]
 }
 
 func (x ColoMode) Number() protoreflect.EnumNumber {
@@ -394,7 +451,7 @@ func (x ColoMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ColoMode.Descriptor instead.
 func (ColoMode) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{5}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{6}
 }
 
 // FailoverTrigger is what started a failover.
@@ -439,11 +496,11 @@ func (x FailoverTrigger) String() string {
 }
 
 func (FailoverTrigger) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[6].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[7].Descriptor()
 }
 
 func (FailoverTrigger) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[6]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[7]
 }
 
 func (x FailoverTrigger) Number() protoreflect.EnumNumber {
@@ -452,7 +509,7 @@ func (x FailoverTrigger) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FailoverTrigger.Descriptor instead.
 func (FailoverTrigger) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{6}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{7}
 }
 
 // StepPhase is where a sequence step stands.
@@ -496,11 +553,11 @@ func (x StepPhase) String() string {
 }
 
 func (StepPhase) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[7].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[8].Descriptor()
 }
 
 func (StepPhase) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[7]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[8]
 }
 
 func (x StepPhase) Number() protoreflect.EnumNumber {
@@ -509,7 +566,7 @@ func (x StepPhase) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use StepPhase.Descriptor instead.
 func (StepPhase) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{7}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{8}
 }
 
 // FailoverMode is the kind of failover an operator asks for.
@@ -551,11 +608,11 @@ func (x FailoverMode) String() string {
 }
 
 func (FailoverMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[8].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[9].Descriptor()
 }
 
 func (FailoverMode) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[8]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[9]
 }
 
 func (x FailoverMode) Number() protoreflect.EnumNumber {
@@ -564,7 +621,7 @@ func (x FailoverMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FailoverMode.Descriptor instead.
 func (FailoverMode) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{8}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{9}
 }
 
 // Role is the role an agent's side plays in a pair.
@@ -608,11 +665,11 @@ func (x Role) String() string {
 }
 
 func (Role) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[9].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[10].Descriptor()
 }
 
 func (Role) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[9]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[10]
 }
 
 func (x Role) Number() protoreflect.EnumNumber {
@@ -621,7 +678,7 @@ func (x Role) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Role.Descriptor instead.
 func (Role) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{9}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{10}
 }
 
 // HandOverReason is why a primary hands the VM over to its secondary.
@@ -667,11 +724,11 @@ func (x HandOverReason) String() string {
 }
 
 func (HandOverReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_lockstep_v1_lockstep_proto_enumTypes[10].Descriptor()
+	return file_lockstep_v1_lockstep_proto_enumTypes[11].Descriptor()
 }
 
 func (HandOverReason) Type() protoreflect.EnumType {
-	return &file_lockstep_v1_lockstep_proto_enumTypes[10]
+	return &file_lockstep_v1_lockstep_proto_enumTypes[11]
 }
 
 func (x HandOverReason) Number() protoreflect.EnumNumber {
@@ -680,7 +737,7 @@ func (x HandOverReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use HandOverReason.Descriptor instead.
 func (HandOverReason) EnumDescriptor() ([]byte, []int) {
-	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{10}
+	return file_lockstep_v1_lockstep_proto_rawDescGZIP(), []int{11}
 }
 
 // StopPairRequest is the request of StopPair.
@@ -1432,7 +1489,7 @@ type Tunables struct {
 	// by default. A packet mismatch triggers a checkpoint sooner.
 	CheckpointDelay *durationpb.Duration `protobuf:"bytes,1,opt,name=checkpoint_delay,json=checkpointDelay,proto3" json:"checkpoint_delay,omitempty"`
 	// How long colo-compare holds a primary packet that has no secondary twin yet, 10ms to 1m;
-	// 3s by default.
+	// 100ms by default (QEMU's own default is 3s; colo-compare then scans every fifth of it).
 	CompareTimeout *durationpb.Duration `protobuf:"bytes,2,opt,name=compare_timeout,json=compareTimeout,proto3" json:"compare_timeout,omitempty"`
 	// A cap on the migration stream in bytes per second; 0 leaves QEMU's default.
 	MaxBandwidthBytesPerSecond uint64 `protobuf:"varint,3,opt,name=max_bandwidth_bytes_per_second,json=maxBandwidthBytesPerSecond,proto3" json:"max_bandwidth_bytes_per_second,omitempty"`
@@ -1444,9 +1501,13 @@ type Tunables struct {
 	// Under TCG, COLO started while the guest kernel boots was measured to corrupt the
 	// secondary's memory (a later failover's survivor oopses). Re-protection never waits. Fixed
 	// at creation.
-	BootSettle    *durationpb.Duration `protobuf:"bytes,5,opt,name=boot_settle,json=bootSettle,proto3" json:"boot_settle,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	BootSettle *durationpb.Duration `protobuf:"bytes,5,opt,name=boot_settle,json=bootSettle,proto3" json:"boot_settle,omitempty"`
+	// Whether the channels between the pair's two QEMUs (checkpoint stream, NBD disk writes,
+	// mirrored and compared traffic) run over TLS with the hosts' certificates. Taken at the next
+	// protection.
+	ReplicationTls ReplicationTls `protobuf:"varint,6,opt,name=replication_tls,json=replicationTls,proto3,enum=lockstep.v1.ReplicationTls" json:"replication_tls,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Tunables) Reset() {
@@ -1512,6 +1573,13 @@ func (x *Tunables) GetBootSettle() *durationpb.Duration {
 		return x.BootSettle
 	}
 	return nil
+}
+
+func (x *Tunables) GetReplicationTls() ReplicationTls {
+	if x != nil {
+		return x.ReplicationTls
+	}
+	return ReplicationTls_REPLICATION_TLS_UNSPECIFIED
 }
 
 // Placement is where one side of a pair runs.
@@ -3214,8 +3282,10 @@ type SetParametersRequest struct {
 	CompareTimeout *durationpb.Duration `protobuf:"bytes,3,opt,name=compare_timeout,json=compareTimeout,proto3" json:"compare_timeout,omitempty"`
 	// The new cap on the migration stream in bytes per second; 0 restores QEMU's default.
 	MaxBandwidthBytesPerSecond *uint64 `protobuf:"varint,4,opt,name=max_bandwidth_bytes_per_second,json=maxBandwidthBytesPerSecond,proto3,oneof" json:"max_bandwidth_bytes_per_second,omitempty"`
-	unknownFields              protoimpl.UnknownFields
-	sizeCache                  protoimpl.SizeCache
+	// The new replication encryption, taken at the next protection (UNSPECIFIED: unchanged).
+	ReplicationTls ReplicationTls `protobuf:"varint,5,opt,name=replication_tls,json=replicationTls,proto3,enum=lockstep.v1.ReplicationTls" json:"replication_tls,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SetParametersRequest) Reset() {
@@ -3274,6 +3344,13 @@ func (x *SetParametersRequest) GetMaxBandwidthBytesPerSecond() uint64 {
 		return *x.MaxBandwidthBytesPerSecond
 	}
 	return 0
+}
+
+func (x *SetParametersRequest) GetReplicationTls() ReplicationTls {
+	if x != nil {
+		return x.ReplicationTls
+	}
+	return ReplicationTls_REPLICATION_TLS_UNSPECIFIED
 }
 
 // SetParametersResponse is the response of SetParameters.
@@ -3732,9 +3809,12 @@ type PrepareSecondaryRequest struct {
 	Ports *ProtectionPorts `protobuf:"bytes,8,opt,name=ports,proto3" json:"ports,omitempty"`
 	// Whether the primary will copy its disk over NBD before COLO starts (a secondary joining a
 	// survivor, or one whose replica is stale); false when the replica is known to be identical.
-	ResyncDisk    bool `protobuf:"varint,9,opt,name=resync_disk,json=resyncDisk,proto3" json:"resync_disk,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ResyncDisk bool `protobuf:"varint,9,opt,name=resync_disk,json=resyncDisk,proto3" json:"resync_disk,omitempty"`
+	// Whether this generation's replication channels run over TLS: the primary's decision, which
+	// the secondary follows (it refuses when it has no certificate).
+	ReplicationTls bool `protobuf:"varint,10,opt,name=replication_tls,json=replicationTls,proto3" json:"replication_tls,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *PrepareSecondaryRequest) Reset() {
@@ -3826,6 +3906,13 @@ func (x *PrepareSecondaryRequest) GetPorts() *ProtectionPorts {
 func (x *PrepareSecondaryRequest) GetResyncDisk() bool {
 	if x != nil {
 		return x.ResyncDisk
+	}
+	return false
+}
+
+func (x *PrepareSecondaryRequest) GetReplicationTls() bool {
+	if x != nil {
+		return x.ReplicationTls
 	}
 	return false
 }
@@ -4207,7 +4294,7 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x121\n" +
 	"\abackend\x18\x03 \x01(\x0e2\x17.lockstep.v1.NicBackendR\abackend\x12\x10\n" +
 	"\x03tap\x18\x04 \x01(\tR\x03tap\x12\x16\n" +
-	"\x06bridge\x18\x05 \x01(\tR\x06bridge\"\xb5\x02\n" +
+	"\x06bridge\x18\x05 \x01(\tR\x06bridge\"\xfb\x02\n" +
 	"\bTunables\x12D\n" +
 	"\x10checkpoint_delay\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\x0fcheckpointDelay\x12B\n" +
 	"\x0fcompare_timeout\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x0ecompareTimeout\x12B\n" +
@@ -4215,7 +4302,8 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\vno_rewriter\x18\x04 \x01(\bR\n" +
 	"noRewriter\x12:\n" +
 	"\vboot_settle\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\n" +
-	"bootSettle\"\x96\x01\n" +
+	"bootSettle\x12D\n" +
+	"\x0freplication_tls\x18\x06 \x01(\x0e2\x1b.lockstep.v1.ReplicationTlsR\x0ereplicationTls\"\x96\x01\n" +
 	"\tPlacement\x12\x12\n" +
 	"\x04host\x18\x01 \x01(\tR\x04host\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1b\n" +
@@ -4336,12 +4424,13 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x10ReprotectRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"D\n" +
 	"\x11ReprotectResponse\x12/\n" +
-	"\x06status\x18\x01 \x01(\v2\x17.lockstep.v1.PairStatusR\x06status\"\xa0\x02\n" +
+	"\x06status\x18\x01 \x01(\v2\x17.lockstep.v1.PairStatusR\x06status\"\xe6\x02\n" +
 	"\x14SetParametersRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12D\n" +
 	"\x10checkpoint_delay\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\x0fcheckpointDelay\x12B\n" +
 	"\x0fcompare_timeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\x0ecompareTimeout\x12G\n" +
-	"\x1emax_bandwidth_bytes_per_second\x18\x04 \x01(\x04H\x00R\x1amaxBandwidthBytesPerSecond\x88\x01\x01B!\n" +
+	"\x1emax_bandwidth_bytes_per_second\x18\x04 \x01(\x04H\x00R\x1amaxBandwidthBytesPerSecond\x88\x01\x01\x12D\n" +
+	"\x0freplication_tls\x18\x05 \x01(\x0e2\x1b.lockstep.v1.ReplicationTlsR\x0ereplicationTlsB!\n" +
 	"\x1f_max_bandwidth_bytes_per_second\"J\n" +
 	"\x15SetParametersResponse\x121\n" +
 	"\btunables\x18\x01 \x01(\v2\x15.lockstep.v1.TunablesR\btunables\"\xb7\x02\n" +
@@ -4375,7 +4464,7 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\tmigration\x18\x01 \x01(\rR\tmigration\x12\x10\n" +
 	"\x03nbd\x18\x02 \x01(\rR\x03nbd\x12\x16\n" +
 	"\x06mirror\x18\x03 \x01(\rR\x06mirror\x12\x18\n" +
-	"\acompare\x18\x04 \x01(\rR\acompare\"\xea\x02\n" +
+	"\acompare\x18\x04 \x01(\rR\acompare\"\x93\x03\n" +
 	"\x17PrepareSecondaryRequest\x12\x1b\n" +
 	"\tpair_name\x18\x01 \x01(\tR\bpairName\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x1e\n" +
@@ -4388,7 +4477,9 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x14primary_qemu_version\x18\a \x01(\tR\x12primaryQemuVersion\x122\n" +
 	"\x05ports\x18\b \x01(\v2\x1c.lockstep.v1.ProtectionPortsR\x05ports\x12\x1f\n" +
 	"\vresync_disk\x18\t \x01(\bR\n" +
-	"resyncDisk\"\xb1\x01\n" +
+	"resyncDisk\x12'\n" +
+	"\x0freplication_tls\x18\n" +
+	" \x01(\bR\x0ereplicationTls\"\xb1\x01\n" +
 	"\x18PrepareSecondaryResponse\x122\n" +
 	"\x05ports\x18\x01 \x01(\v2\x1c.lockstep.v1.ProtectionPortsR\x05ports\x12+\n" +
 	"\x11secondary_address\x18\x02 \x01(\tR\x10secondaryAddress\x124\n" +
@@ -4433,7 +4524,12 @@ const file_lockstep_v1_lockstep_proto_rawDesc = "" +
 	"\x17NIC_BACKEND_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fNIC_BACKEND_TAP\x10\x01\x12\x16\n" +
 	"\x12NIC_BACKEND_BRIDGE\x10\x02\x12\x16\n" +
-	"\x12NIC_BACKEND_SOCKET\x10\x03*\xf7\x01\n" +
+	"\x12NIC_BACKEND_SOCKET\x10\x03*|\n" +
+	"\x0eReplicationTls\x12\x1f\n" +
+	"\x1bREPLICATION_TLS_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14REPLICATION_TLS_AUTO\x10\x01\x12\x16\n" +
+	"\x12REPLICATION_TLS_ON\x10\x02\x12\x17\n" +
+	"\x13REPLICATION_TLS_OFF\x10\x03*\xf7\x01\n" +
 	"\tPairState\x12\x1a\n" +
 	"\x16PAIR_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12PAIR_STATE_STOPPED\x10\x01\x12\x17\n" +
@@ -4506,179 +4602,182 @@ func file_lockstep_v1_lockstep_proto_rawDescGZIP() []byte {
 	return file_lockstep_v1_lockstep_proto_rawDescData
 }
 
-var file_lockstep_v1_lockstep_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
+var file_lockstep_v1_lockstep_proto_enumTypes = make([]protoimpl.EnumInfo, 12)
 var file_lockstep_v1_lockstep_proto_msgTypes = make([]protoimpl.MessageInfo, 49)
 var file_lockstep_v1_lockstep_proto_goTypes = []any{
 	(DrillTarget)(0),                  // 0: lockstep.v1.DrillTarget
 	(RestartPolicy)(0),                // 1: lockstep.v1.RestartPolicy
 	(Accel)(0),                        // 2: lockstep.v1.Accel
 	(NicBackend)(0),                   // 3: lockstep.v1.NicBackend
-	(PairState)(0),                    // 4: lockstep.v1.PairState
-	(ColoMode)(0),                     // 5: lockstep.v1.ColoMode
-	(FailoverTrigger)(0),              // 6: lockstep.v1.FailoverTrigger
-	(StepPhase)(0),                    // 7: lockstep.v1.StepPhase
-	(FailoverMode)(0),                 // 8: lockstep.v1.FailoverMode
-	(Role)(0),                         // 9: lockstep.v1.Role
-	(HandOverReason)(0),               // 10: lockstep.v1.HandOverReason
-	(*StopPairRequest)(nil),           // 11: lockstep.v1.StopPairRequest
-	(*StopPairResponse)(nil),          // 12: lockstep.v1.StopPairResponse
-	(*StartPairRequest)(nil),          // 13: lockstep.v1.StartPairRequest
-	(*StartPairResponse)(nil),         // 14: lockstep.v1.StartPairResponse
-	(*DrillRequest)(nil),              // 15: lockstep.v1.DrillRequest
-	(*DrillResponse)(nil),             // 16: lockstep.v1.DrillResponse
-	(*ConsoleRequest)(nil),            // 17: lockstep.v1.ConsoleRequest
-	(*ConsoleResponse)(nil),           // 18: lockstep.v1.ConsoleResponse
-	(*Pair)(nil),                      // 19: lockstep.v1.Pair
-	(*PairSpec)(nil),                  // 20: lockstep.v1.PairSpec
-	(*Nic)(nil),                       // 21: lockstep.v1.Nic
-	(*Tunables)(nil),                  // 22: lockstep.v1.Tunables
-	(*Placement)(nil),                 // 23: lockstep.v1.Placement
-	(*PairStatus)(nil),                // 24: lockstep.v1.PairStatus
-	(*SideStatus)(nil),                // 25: lockstep.v1.SideStatus
-	(*CheckpointStats)(nil),           // 26: lockstep.v1.CheckpointStats
-	(*ResyncProgress)(nil),            // 27: lockstep.v1.ResyncProgress
-	(*PeerStatus)(nil),                // 28: lockstep.v1.PeerStatus
-	(*FailoverSummary)(nil),           // 29: lockstep.v1.FailoverSummary
-	(*StepProgress)(nil),              // 30: lockstep.v1.StepProgress
-	(*PairEvent)(nil),                 // 31: lockstep.v1.PairEvent
-	(*StateChange)(nil),               // 32: lockstep.v1.StateChange
-	(*CreatePairRequest)(nil),         // 33: lockstep.v1.CreatePairRequest
-	(*CreatePairResponse)(nil),        // 34: lockstep.v1.CreatePairResponse
-	(*GetPairRequest)(nil),            // 35: lockstep.v1.GetPairRequest
-	(*GetPairResponse)(nil),           // 36: lockstep.v1.GetPairResponse
-	(*ListPairsRequest)(nil),          // 37: lockstep.v1.ListPairsRequest
-	(*ListPairsResponse)(nil),         // 38: lockstep.v1.ListPairsResponse
-	(*DeletePairRequest)(nil),         // 39: lockstep.v1.DeletePairRequest
-	(*DeletePairResponse)(nil),        // 40: lockstep.v1.DeletePairResponse
-	(*WatchPairRequest)(nil),          // 41: lockstep.v1.WatchPairRequest
-	(*WatchPairResponse)(nil),         // 42: lockstep.v1.WatchPairResponse
-	(*FailoverRequest)(nil),           // 43: lockstep.v1.FailoverRequest
-	(*FailoverResponse)(nil),          // 44: lockstep.v1.FailoverResponse
-	(*ReprotectRequest)(nil),          // 45: lockstep.v1.ReprotectRequest
-	(*ReprotectResponse)(nil),         // 46: lockstep.v1.ReprotectResponse
-	(*SetParametersRequest)(nil),      // 47: lockstep.v1.SetParametersRequest
-	(*SetParametersResponse)(nil),     // 48: lockstep.v1.SetParametersResponse
-	(*PeerSideState)(nil),             // 49: lockstep.v1.PeerSideState
-	(*StaleEpoch)(nil),                // 50: lockstep.v1.StaleEpoch
-	(*HeartbeatRequest)(nil),          // 51: lockstep.v1.HeartbeatRequest
-	(*HeartbeatResponse)(nil),         // 52: lockstep.v1.HeartbeatResponse
-	(*ProtectionPorts)(nil),           // 53: lockstep.v1.ProtectionPorts
-	(*PrepareSecondaryRequest)(nil),   // 54: lockstep.v1.PrepareSecondaryRequest
-	(*PrepareSecondaryResponse)(nil),  // 55: lockstep.v1.PrepareSecondaryResponse
-	(*TearDownSecondaryRequest)(nil),  // 56: lockstep.v1.TearDownSecondaryRequest
-	(*TearDownSecondaryResponse)(nil), // 57: lockstep.v1.TearDownSecondaryResponse
-	(*HandOverRequest)(nil),           // 58: lockstep.v1.HandOverRequest
-	(*HandOverResponse)(nil),          // 59: lockstep.v1.HandOverResponse
-	(*timestamppb.Timestamp)(nil),     // 60: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),       // 61: google.protobuf.Duration
+	(ReplicationTls)(0),               // 4: lockstep.v1.ReplicationTls
+	(PairState)(0),                    // 5: lockstep.v1.PairState
+	(ColoMode)(0),                     // 6: lockstep.v1.ColoMode
+	(FailoverTrigger)(0),              // 7: lockstep.v1.FailoverTrigger
+	(StepPhase)(0),                    // 8: lockstep.v1.StepPhase
+	(FailoverMode)(0),                 // 9: lockstep.v1.FailoverMode
+	(Role)(0),                         // 10: lockstep.v1.Role
+	(HandOverReason)(0),               // 11: lockstep.v1.HandOverReason
+	(*StopPairRequest)(nil),           // 12: lockstep.v1.StopPairRequest
+	(*StopPairResponse)(nil),          // 13: lockstep.v1.StopPairResponse
+	(*StartPairRequest)(nil),          // 14: lockstep.v1.StartPairRequest
+	(*StartPairResponse)(nil),         // 15: lockstep.v1.StartPairResponse
+	(*DrillRequest)(nil),              // 16: lockstep.v1.DrillRequest
+	(*DrillResponse)(nil),             // 17: lockstep.v1.DrillResponse
+	(*ConsoleRequest)(nil),            // 18: lockstep.v1.ConsoleRequest
+	(*ConsoleResponse)(nil),           // 19: lockstep.v1.ConsoleResponse
+	(*Pair)(nil),                      // 20: lockstep.v1.Pair
+	(*PairSpec)(nil),                  // 21: lockstep.v1.PairSpec
+	(*Nic)(nil),                       // 22: lockstep.v1.Nic
+	(*Tunables)(nil),                  // 23: lockstep.v1.Tunables
+	(*Placement)(nil),                 // 24: lockstep.v1.Placement
+	(*PairStatus)(nil),                // 25: lockstep.v1.PairStatus
+	(*SideStatus)(nil),                // 26: lockstep.v1.SideStatus
+	(*CheckpointStats)(nil),           // 27: lockstep.v1.CheckpointStats
+	(*ResyncProgress)(nil),            // 28: lockstep.v1.ResyncProgress
+	(*PeerStatus)(nil),                // 29: lockstep.v1.PeerStatus
+	(*FailoverSummary)(nil),           // 30: lockstep.v1.FailoverSummary
+	(*StepProgress)(nil),              // 31: lockstep.v1.StepProgress
+	(*PairEvent)(nil),                 // 32: lockstep.v1.PairEvent
+	(*StateChange)(nil),               // 33: lockstep.v1.StateChange
+	(*CreatePairRequest)(nil),         // 34: lockstep.v1.CreatePairRequest
+	(*CreatePairResponse)(nil),        // 35: lockstep.v1.CreatePairResponse
+	(*GetPairRequest)(nil),            // 36: lockstep.v1.GetPairRequest
+	(*GetPairResponse)(nil),           // 37: lockstep.v1.GetPairResponse
+	(*ListPairsRequest)(nil),          // 38: lockstep.v1.ListPairsRequest
+	(*ListPairsResponse)(nil),         // 39: lockstep.v1.ListPairsResponse
+	(*DeletePairRequest)(nil),         // 40: lockstep.v1.DeletePairRequest
+	(*DeletePairResponse)(nil),        // 41: lockstep.v1.DeletePairResponse
+	(*WatchPairRequest)(nil),          // 42: lockstep.v1.WatchPairRequest
+	(*WatchPairResponse)(nil),         // 43: lockstep.v1.WatchPairResponse
+	(*FailoverRequest)(nil),           // 44: lockstep.v1.FailoverRequest
+	(*FailoverResponse)(nil),          // 45: lockstep.v1.FailoverResponse
+	(*ReprotectRequest)(nil),          // 46: lockstep.v1.ReprotectRequest
+	(*ReprotectResponse)(nil),         // 47: lockstep.v1.ReprotectResponse
+	(*SetParametersRequest)(nil),      // 48: lockstep.v1.SetParametersRequest
+	(*SetParametersResponse)(nil),     // 49: lockstep.v1.SetParametersResponse
+	(*PeerSideState)(nil),             // 50: lockstep.v1.PeerSideState
+	(*StaleEpoch)(nil),                // 51: lockstep.v1.StaleEpoch
+	(*HeartbeatRequest)(nil),          // 52: lockstep.v1.HeartbeatRequest
+	(*HeartbeatResponse)(nil),         // 53: lockstep.v1.HeartbeatResponse
+	(*ProtectionPorts)(nil),           // 54: lockstep.v1.ProtectionPorts
+	(*PrepareSecondaryRequest)(nil),   // 55: lockstep.v1.PrepareSecondaryRequest
+	(*PrepareSecondaryResponse)(nil),  // 56: lockstep.v1.PrepareSecondaryResponse
+	(*TearDownSecondaryRequest)(nil),  // 57: lockstep.v1.TearDownSecondaryRequest
+	(*TearDownSecondaryResponse)(nil), // 58: lockstep.v1.TearDownSecondaryResponse
+	(*HandOverRequest)(nil),           // 59: lockstep.v1.HandOverRequest
+	(*HandOverResponse)(nil),          // 60: lockstep.v1.HandOverResponse
+	(*timestamppb.Timestamp)(nil),     // 61: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),       // 62: google.protobuf.Duration
 }
 var file_lockstep_v1_lockstep_proto_depIdxs = []int32{
-	24, // 0: lockstep.v1.StopPairResponse.status:type_name -> lockstep.v1.PairStatus
-	24, // 1: lockstep.v1.StartPairResponse.status:type_name -> lockstep.v1.PairStatus
+	25, // 0: lockstep.v1.StopPairResponse.status:type_name -> lockstep.v1.PairStatus
+	25, // 1: lockstep.v1.StartPairResponse.status:type_name -> lockstep.v1.PairStatus
 	0,  // 2: lockstep.v1.DrillRequest.target:type_name -> lockstep.v1.DrillTarget
-	60, // 3: lockstep.v1.DrillResponse.kill_time:type_name -> google.protobuf.Timestamp
-	20, // 4: lockstep.v1.Pair.spec:type_name -> lockstep.v1.PairSpec
-	24, // 5: lockstep.v1.Pair.status:type_name -> lockstep.v1.PairStatus
+	61, // 3: lockstep.v1.DrillResponse.kill_time:type_name -> google.protobuf.Timestamp
+	21, // 4: lockstep.v1.Pair.spec:type_name -> lockstep.v1.PairSpec
+	25, // 5: lockstep.v1.Pair.status:type_name -> lockstep.v1.PairStatus
 	2,  // 6: lockstep.v1.PairSpec.accel:type_name -> lockstep.v1.Accel
-	21, // 7: lockstep.v1.PairSpec.nic:type_name -> lockstep.v1.Nic
-	22, // 8: lockstep.v1.PairSpec.tunables:type_name -> lockstep.v1.Tunables
-	23, // 9: lockstep.v1.PairSpec.primary:type_name -> lockstep.v1.Placement
-	23, // 10: lockstep.v1.PairSpec.secondary:type_name -> lockstep.v1.Placement
+	22, // 7: lockstep.v1.PairSpec.nic:type_name -> lockstep.v1.Nic
+	23, // 8: lockstep.v1.PairSpec.tunables:type_name -> lockstep.v1.Tunables
+	24, // 9: lockstep.v1.PairSpec.primary:type_name -> lockstep.v1.Placement
+	24, // 10: lockstep.v1.PairSpec.secondary:type_name -> lockstep.v1.Placement
 	1,  // 11: lockstep.v1.PairSpec.restart_policy:type_name -> lockstep.v1.RestartPolicy
 	3,  // 12: lockstep.v1.Nic.backend:type_name -> lockstep.v1.NicBackend
-	61, // 13: lockstep.v1.Tunables.checkpoint_delay:type_name -> google.protobuf.Duration
-	61, // 14: lockstep.v1.Tunables.compare_timeout:type_name -> google.protobuf.Duration
-	61, // 15: lockstep.v1.Tunables.boot_settle:type_name -> google.protobuf.Duration
-	4,  // 16: lockstep.v1.PairStatus.state:type_name -> lockstep.v1.PairState
-	60, // 17: lockstep.v1.PairStatus.state_change_time:type_name -> google.protobuf.Timestamp
-	25, // 18: lockstep.v1.PairStatus.primary:type_name -> lockstep.v1.SideStatus
-	25, // 19: lockstep.v1.PairStatus.secondary:type_name -> lockstep.v1.SideStatus
-	26, // 20: lockstep.v1.PairStatus.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
-	27, // 21: lockstep.v1.PairStatus.resync:type_name -> lockstep.v1.ResyncProgress
-	29, // 22: lockstep.v1.PairStatus.last_failover:type_name -> lockstep.v1.FailoverSummary
-	28, // 23: lockstep.v1.PairStatus.peer:type_name -> lockstep.v1.PeerStatus
-	30, // 24: lockstep.v1.PairStatus.current_step:type_name -> lockstep.v1.StepProgress
-	22, // 25: lockstep.v1.PairStatus.tunables:type_name -> lockstep.v1.Tunables
-	5,  // 26: lockstep.v1.SideStatus.colo_mode:type_name -> lockstep.v1.ColoMode
-	61, // 27: lockstep.v1.CheckpointStats.pause_p50:type_name -> google.protobuf.Duration
-	61, // 28: lockstep.v1.CheckpointStats.pause_p99:type_name -> google.protobuf.Duration
-	61, // 29: lockstep.v1.CheckpointStats.pause_max:type_name -> google.protobuf.Duration
-	61, // 30: lockstep.v1.CheckpointStats.pause_mean:type_name -> google.protobuf.Duration
-	60, // 31: lockstep.v1.CheckpointStats.last_checkpoint_time:type_name -> google.protobuf.Timestamp
-	60, // 32: lockstep.v1.PeerStatus.last_heartbeat_time:type_name -> google.protobuf.Timestamp
-	60, // 33: lockstep.v1.FailoverSummary.start_time:type_name -> google.protobuf.Timestamp
-	6,  // 34: lockstep.v1.FailoverSummary.trigger:type_name -> lockstep.v1.FailoverTrigger
-	61, // 35: lockstep.v1.FailoverSummary.duration:type_name -> google.protobuf.Duration
-	7,  // 36: lockstep.v1.StepProgress.phase:type_name -> lockstep.v1.StepPhase
-	61, // 37: lockstep.v1.StepProgress.elapsed:type_name -> google.protobuf.Duration
-	60, // 38: lockstep.v1.PairEvent.time:type_name -> google.protobuf.Timestamp
-	24, // 39: lockstep.v1.PairEvent.status:type_name -> lockstep.v1.PairStatus
-	32, // 40: lockstep.v1.PairEvent.state_change:type_name -> lockstep.v1.StateChange
-	30, // 41: lockstep.v1.PairEvent.step:type_name -> lockstep.v1.StepProgress
-	26, // 42: lockstep.v1.PairEvent.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
-	27, // 43: lockstep.v1.PairEvent.resync:type_name -> lockstep.v1.ResyncProgress
-	29, // 44: lockstep.v1.PairEvent.failover:type_name -> lockstep.v1.FailoverSummary
-	4,  // 45: lockstep.v1.StateChange.from_state:type_name -> lockstep.v1.PairState
-	4,  // 46: lockstep.v1.StateChange.to_state:type_name -> lockstep.v1.PairState
-	20, // 47: lockstep.v1.CreatePairRequest.spec:type_name -> lockstep.v1.PairSpec
-	19, // 48: lockstep.v1.CreatePairResponse.pair:type_name -> lockstep.v1.Pair
-	19, // 49: lockstep.v1.GetPairResponse.pair:type_name -> lockstep.v1.Pair
-	19, // 50: lockstep.v1.ListPairsResponse.pairs:type_name -> lockstep.v1.Pair
-	31, // 51: lockstep.v1.WatchPairResponse.event:type_name -> lockstep.v1.PairEvent
-	8,  // 52: lockstep.v1.FailoverRequest.mode:type_name -> lockstep.v1.FailoverMode
-	29, // 53: lockstep.v1.FailoverResponse.failover:type_name -> lockstep.v1.FailoverSummary
-	24, // 54: lockstep.v1.FailoverResponse.status:type_name -> lockstep.v1.PairStatus
-	24, // 55: lockstep.v1.ReprotectResponse.status:type_name -> lockstep.v1.PairStatus
-	61, // 56: lockstep.v1.SetParametersRequest.checkpoint_delay:type_name -> google.protobuf.Duration
-	61, // 57: lockstep.v1.SetParametersRequest.compare_timeout:type_name -> google.protobuf.Duration
-	22, // 58: lockstep.v1.SetParametersResponse.tunables:type_name -> lockstep.v1.Tunables
-	9,  // 59: lockstep.v1.PeerSideState.role:type_name -> lockstep.v1.Role
-	5,  // 60: lockstep.v1.PeerSideState.colo_mode:type_name -> lockstep.v1.ColoMode
-	49, // 61: lockstep.v1.HeartbeatRequest.sender:type_name -> lockstep.v1.PeerSideState
-	60, // 62: lockstep.v1.HeartbeatRequest.send_time:type_name -> google.protobuf.Timestamp
-	49, // 63: lockstep.v1.HeartbeatResponse.receiver:type_name -> lockstep.v1.PeerSideState
-	20, // 64: lockstep.v1.PrepareSecondaryRequest.spec:type_name -> lockstep.v1.PairSpec
-	53, // 65: lockstep.v1.PrepareSecondaryRequest.ports:type_name -> lockstep.v1.ProtectionPorts
-	53, // 66: lockstep.v1.PrepareSecondaryResponse.ports:type_name -> lockstep.v1.ProtectionPorts
-	10, // 67: lockstep.v1.HandOverRequest.reason:type_name -> lockstep.v1.HandOverReason
-	61, // 68: lockstep.v1.HandOverResponse.duration:type_name -> google.protobuf.Duration
-	33, // 69: lockstep.v1.PairService.CreatePair:input_type -> lockstep.v1.CreatePairRequest
-	35, // 70: lockstep.v1.PairService.GetPair:input_type -> lockstep.v1.GetPairRequest
-	37, // 71: lockstep.v1.PairService.ListPairs:input_type -> lockstep.v1.ListPairsRequest
-	39, // 72: lockstep.v1.PairService.DeletePair:input_type -> lockstep.v1.DeletePairRequest
-	41, // 73: lockstep.v1.PairService.WatchPair:input_type -> lockstep.v1.WatchPairRequest
-	43, // 74: lockstep.v1.PairService.Failover:input_type -> lockstep.v1.FailoverRequest
-	45, // 75: lockstep.v1.PairService.Reprotect:input_type -> lockstep.v1.ReprotectRequest
-	47, // 76: lockstep.v1.PairService.SetParameters:input_type -> lockstep.v1.SetParametersRequest
-	11, // 77: lockstep.v1.PairService.StopPair:input_type -> lockstep.v1.StopPairRequest
-	13, // 78: lockstep.v1.PairService.StartPair:input_type -> lockstep.v1.StartPairRequest
-	15, // 79: lockstep.v1.PairService.Drill:input_type -> lockstep.v1.DrillRequest
-	17, // 80: lockstep.v1.PairService.Console:input_type -> lockstep.v1.ConsoleRequest
-	51, // 81: lockstep.v1.PeerService.Heartbeat:input_type -> lockstep.v1.HeartbeatRequest
-	54, // 82: lockstep.v1.PeerService.PrepareSecondary:input_type -> lockstep.v1.PrepareSecondaryRequest
-	56, // 83: lockstep.v1.PeerService.TearDownSecondary:input_type -> lockstep.v1.TearDownSecondaryRequest
-	58, // 84: lockstep.v1.PeerService.HandOver:input_type -> lockstep.v1.HandOverRequest
-	34, // 85: lockstep.v1.PairService.CreatePair:output_type -> lockstep.v1.CreatePairResponse
-	36, // 86: lockstep.v1.PairService.GetPair:output_type -> lockstep.v1.GetPairResponse
-	38, // 87: lockstep.v1.PairService.ListPairs:output_type -> lockstep.v1.ListPairsResponse
-	40, // 88: lockstep.v1.PairService.DeletePair:output_type -> lockstep.v1.DeletePairResponse
-	42, // 89: lockstep.v1.PairService.WatchPair:output_type -> lockstep.v1.WatchPairResponse
-	44, // 90: lockstep.v1.PairService.Failover:output_type -> lockstep.v1.FailoverResponse
-	46, // 91: lockstep.v1.PairService.Reprotect:output_type -> lockstep.v1.ReprotectResponse
-	48, // 92: lockstep.v1.PairService.SetParameters:output_type -> lockstep.v1.SetParametersResponse
-	12, // 93: lockstep.v1.PairService.StopPair:output_type -> lockstep.v1.StopPairResponse
-	14, // 94: lockstep.v1.PairService.StartPair:output_type -> lockstep.v1.StartPairResponse
-	16, // 95: lockstep.v1.PairService.Drill:output_type -> lockstep.v1.DrillResponse
-	18, // 96: lockstep.v1.PairService.Console:output_type -> lockstep.v1.ConsoleResponse
-	52, // 97: lockstep.v1.PeerService.Heartbeat:output_type -> lockstep.v1.HeartbeatResponse
-	55, // 98: lockstep.v1.PeerService.PrepareSecondary:output_type -> lockstep.v1.PrepareSecondaryResponse
-	57, // 99: lockstep.v1.PeerService.TearDownSecondary:output_type -> lockstep.v1.TearDownSecondaryResponse
-	59, // 100: lockstep.v1.PeerService.HandOver:output_type -> lockstep.v1.HandOverResponse
-	85, // [85:101] is the sub-list for method output_type
-	69, // [69:85] is the sub-list for method input_type
-	69, // [69:69] is the sub-list for extension type_name
-	69, // [69:69] is the sub-list for extension extendee
-	0,  // [0:69] is the sub-list for field type_name
+	62, // 13: lockstep.v1.Tunables.checkpoint_delay:type_name -> google.protobuf.Duration
+	62, // 14: lockstep.v1.Tunables.compare_timeout:type_name -> google.protobuf.Duration
+	62, // 15: lockstep.v1.Tunables.boot_settle:type_name -> google.protobuf.Duration
+	4,  // 16: lockstep.v1.Tunables.replication_tls:type_name -> lockstep.v1.ReplicationTls
+	5,  // 17: lockstep.v1.PairStatus.state:type_name -> lockstep.v1.PairState
+	61, // 18: lockstep.v1.PairStatus.state_change_time:type_name -> google.protobuf.Timestamp
+	26, // 19: lockstep.v1.PairStatus.primary:type_name -> lockstep.v1.SideStatus
+	26, // 20: lockstep.v1.PairStatus.secondary:type_name -> lockstep.v1.SideStatus
+	27, // 21: lockstep.v1.PairStatus.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
+	28, // 22: lockstep.v1.PairStatus.resync:type_name -> lockstep.v1.ResyncProgress
+	30, // 23: lockstep.v1.PairStatus.last_failover:type_name -> lockstep.v1.FailoverSummary
+	29, // 24: lockstep.v1.PairStatus.peer:type_name -> lockstep.v1.PeerStatus
+	31, // 25: lockstep.v1.PairStatus.current_step:type_name -> lockstep.v1.StepProgress
+	23, // 26: lockstep.v1.PairStatus.tunables:type_name -> lockstep.v1.Tunables
+	6,  // 27: lockstep.v1.SideStatus.colo_mode:type_name -> lockstep.v1.ColoMode
+	62, // 28: lockstep.v1.CheckpointStats.pause_p50:type_name -> google.protobuf.Duration
+	62, // 29: lockstep.v1.CheckpointStats.pause_p99:type_name -> google.protobuf.Duration
+	62, // 30: lockstep.v1.CheckpointStats.pause_max:type_name -> google.protobuf.Duration
+	62, // 31: lockstep.v1.CheckpointStats.pause_mean:type_name -> google.protobuf.Duration
+	61, // 32: lockstep.v1.CheckpointStats.last_checkpoint_time:type_name -> google.protobuf.Timestamp
+	61, // 33: lockstep.v1.PeerStatus.last_heartbeat_time:type_name -> google.protobuf.Timestamp
+	61, // 34: lockstep.v1.FailoverSummary.start_time:type_name -> google.protobuf.Timestamp
+	7,  // 35: lockstep.v1.FailoverSummary.trigger:type_name -> lockstep.v1.FailoverTrigger
+	62, // 36: lockstep.v1.FailoverSummary.duration:type_name -> google.protobuf.Duration
+	8,  // 37: lockstep.v1.StepProgress.phase:type_name -> lockstep.v1.StepPhase
+	62, // 38: lockstep.v1.StepProgress.elapsed:type_name -> google.protobuf.Duration
+	61, // 39: lockstep.v1.PairEvent.time:type_name -> google.protobuf.Timestamp
+	25, // 40: lockstep.v1.PairEvent.status:type_name -> lockstep.v1.PairStatus
+	33, // 41: lockstep.v1.PairEvent.state_change:type_name -> lockstep.v1.StateChange
+	31, // 42: lockstep.v1.PairEvent.step:type_name -> lockstep.v1.StepProgress
+	27, // 43: lockstep.v1.PairEvent.checkpoint_stats:type_name -> lockstep.v1.CheckpointStats
+	28, // 44: lockstep.v1.PairEvent.resync:type_name -> lockstep.v1.ResyncProgress
+	30, // 45: lockstep.v1.PairEvent.failover:type_name -> lockstep.v1.FailoverSummary
+	5,  // 46: lockstep.v1.StateChange.from_state:type_name -> lockstep.v1.PairState
+	5,  // 47: lockstep.v1.StateChange.to_state:type_name -> lockstep.v1.PairState
+	21, // 48: lockstep.v1.CreatePairRequest.spec:type_name -> lockstep.v1.PairSpec
+	20, // 49: lockstep.v1.CreatePairResponse.pair:type_name -> lockstep.v1.Pair
+	20, // 50: lockstep.v1.GetPairResponse.pair:type_name -> lockstep.v1.Pair
+	20, // 51: lockstep.v1.ListPairsResponse.pairs:type_name -> lockstep.v1.Pair
+	32, // 52: lockstep.v1.WatchPairResponse.event:type_name -> lockstep.v1.PairEvent
+	9,  // 53: lockstep.v1.FailoverRequest.mode:type_name -> lockstep.v1.FailoverMode
+	30, // 54: lockstep.v1.FailoverResponse.failover:type_name -> lockstep.v1.FailoverSummary
+	25, // 55: lockstep.v1.FailoverResponse.status:type_name -> lockstep.v1.PairStatus
+	25, // 56: lockstep.v1.ReprotectResponse.status:type_name -> lockstep.v1.PairStatus
+	62, // 57: lockstep.v1.SetParametersRequest.checkpoint_delay:type_name -> google.protobuf.Duration
+	62, // 58: lockstep.v1.SetParametersRequest.compare_timeout:type_name -> google.protobuf.Duration
+	4,  // 59: lockstep.v1.SetParametersRequest.replication_tls:type_name -> lockstep.v1.ReplicationTls
+	23, // 60: lockstep.v1.SetParametersResponse.tunables:type_name -> lockstep.v1.Tunables
+	10, // 61: lockstep.v1.PeerSideState.role:type_name -> lockstep.v1.Role
+	6,  // 62: lockstep.v1.PeerSideState.colo_mode:type_name -> lockstep.v1.ColoMode
+	50, // 63: lockstep.v1.HeartbeatRequest.sender:type_name -> lockstep.v1.PeerSideState
+	61, // 64: lockstep.v1.HeartbeatRequest.send_time:type_name -> google.protobuf.Timestamp
+	50, // 65: lockstep.v1.HeartbeatResponse.receiver:type_name -> lockstep.v1.PeerSideState
+	21, // 66: lockstep.v1.PrepareSecondaryRequest.spec:type_name -> lockstep.v1.PairSpec
+	54, // 67: lockstep.v1.PrepareSecondaryRequest.ports:type_name -> lockstep.v1.ProtectionPorts
+	54, // 68: lockstep.v1.PrepareSecondaryResponse.ports:type_name -> lockstep.v1.ProtectionPorts
+	11, // 69: lockstep.v1.HandOverRequest.reason:type_name -> lockstep.v1.HandOverReason
+	62, // 70: lockstep.v1.HandOverResponse.duration:type_name -> google.protobuf.Duration
+	34, // 71: lockstep.v1.PairService.CreatePair:input_type -> lockstep.v1.CreatePairRequest
+	36, // 72: lockstep.v1.PairService.GetPair:input_type -> lockstep.v1.GetPairRequest
+	38, // 73: lockstep.v1.PairService.ListPairs:input_type -> lockstep.v1.ListPairsRequest
+	40, // 74: lockstep.v1.PairService.DeletePair:input_type -> lockstep.v1.DeletePairRequest
+	42, // 75: lockstep.v1.PairService.WatchPair:input_type -> lockstep.v1.WatchPairRequest
+	44, // 76: lockstep.v1.PairService.Failover:input_type -> lockstep.v1.FailoverRequest
+	46, // 77: lockstep.v1.PairService.Reprotect:input_type -> lockstep.v1.ReprotectRequest
+	48, // 78: lockstep.v1.PairService.SetParameters:input_type -> lockstep.v1.SetParametersRequest
+	12, // 79: lockstep.v1.PairService.StopPair:input_type -> lockstep.v1.StopPairRequest
+	14, // 80: lockstep.v1.PairService.StartPair:input_type -> lockstep.v1.StartPairRequest
+	16, // 81: lockstep.v1.PairService.Drill:input_type -> lockstep.v1.DrillRequest
+	18, // 82: lockstep.v1.PairService.Console:input_type -> lockstep.v1.ConsoleRequest
+	52, // 83: lockstep.v1.PeerService.Heartbeat:input_type -> lockstep.v1.HeartbeatRequest
+	55, // 84: lockstep.v1.PeerService.PrepareSecondary:input_type -> lockstep.v1.PrepareSecondaryRequest
+	57, // 85: lockstep.v1.PeerService.TearDownSecondary:input_type -> lockstep.v1.TearDownSecondaryRequest
+	59, // 86: lockstep.v1.PeerService.HandOver:input_type -> lockstep.v1.HandOverRequest
+	35, // 87: lockstep.v1.PairService.CreatePair:output_type -> lockstep.v1.CreatePairResponse
+	37, // 88: lockstep.v1.PairService.GetPair:output_type -> lockstep.v1.GetPairResponse
+	39, // 89: lockstep.v1.PairService.ListPairs:output_type -> lockstep.v1.ListPairsResponse
+	41, // 90: lockstep.v1.PairService.DeletePair:output_type -> lockstep.v1.DeletePairResponse
+	43, // 91: lockstep.v1.PairService.WatchPair:output_type -> lockstep.v1.WatchPairResponse
+	45, // 92: lockstep.v1.PairService.Failover:output_type -> lockstep.v1.FailoverResponse
+	47, // 93: lockstep.v1.PairService.Reprotect:output_type -> lockstep.v1.ReprotectResponse
+	49, // 94: lockstep.v1.PairService.SetParameters:output_type -> lockstep.v1.SetParametersResponse
+	13, // 95: lockstep.v1.PairService.StopPair:output_type -> lockstep.v1.StopPairResponse
+	15, // 96: lockstep.v1.PairService.StartPair:output_type -> lockstep.v1.StartPairResponse
+	17, // 97: lockstep.v1.PairService.Drill:output_type -> lockstep.v1.DrillResponse
+	19, // 98: lockstep.v1.PairService.Console:output_type -> lockstep.v1.ConsoleResponse
+	53, // 99: lockstep.v1.PeerService.Heartbeat:output_type -> lockstep.v1.HeartbeatResponse
+	56, // 100: lockstep.v1.PeerService.PrepareSecondary:output_type -> lockstep.v1.PrepareSecondaryResponse
+	58, // 101: lockstep.v1.PeerService.TearDownSecondary:output_type -> lockstep.v1.TearDownSecondaryResponse
+	60, // 102: lockstep.v1.PeerService.HandOver:output_type -> lockstep.v1.HandOverResponse
+	87, // [87:103] is the sub-list for method output_type
+	71, // [71:87] is the sub-list for method input_type
+	71, // [71:71] is the sub-list for extension type_name
+	71, // [71:71] is the sub-list for extension extendee
+	0,  // [0:71] is the sub-list for field type_name
 }
 
 func init() { file_lockstep_v1_lockstep_proto_init() }
@@ -4701,7 +4800,7 @@ func file_lockstep_v1_lockstep_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_lockstep_v1_lockstep_proto_rawDesc), len(file_lockstep_v1_lockstep_proto_rawDesc)),
-			NumEnums:      11,
+			NumEnums:      12,
 			NumMessages:   49,
 			NumExtensions: 0,
 			NumServices:   2,

@@ -37,6 +37,8 @@ type sideState struct {
 	// Starting: the side was carrying out an operator's start (Policy.OperatorStarting); a
 	// successor that finds no QEMU carries it out.
 	Starting bool `json:"starting,omitempty"`
+	// Marked: the primary's record said what it ran (Policy.Marked).
+	Marked bool `json:"marked,omitempty"`
 }
 
 const sideStateFile = "side.json"
@@ -69,7 +71,7 @@ func (r *runner) readSaved() sideState {
 // current is what the runner would save now.
 func (r *runner) current() sideState {
 	p := r.pol
-	s := sideState{Role: RoleIdle, Gen: p.Generation(), Epoch: p.Epoch(), Generation: r.gen, WasSecond: r.wasSecond, Starts: r.starts, Starting: p.OperatorStarting()}
+	s := sideState{Role: RoleIdle, Gen: p.Generation(), Epoch: p.Epoch(), Generation: r.gen, WasSecond: r.wasSecond, Starts: r.starts, Starting: p.OperatorStarting(), Marked: p.Marked()}
 	if r.vm != nil {
 		switch {
 		case runsVM(p.Role()):
@@ -172,7 +174,7 @@ func (r *runner) adopt(ctx context.Context, vm *checkpoint.VM, cfg Config) (*Pol
 		vm.Kill()
 		return nil, nil, false
 	}
-	a := Adopted{Gen: r.saved.Gen, Epoch: r.saved.Epoch, LeaseEpoch: r.saved.Lease.Epoch, Frozen: vm.Frozen()}
+	a := Adopted{Gen: r.saved.Gen, Epoch: r.saved.Epoch, LeaseEpoch: r.saved.Lease.Epoch, Frozen: vm.Frozen(), Marked: r.saved.Marked}
 	switch {
 	case r.saved.Role == RolePrimary || r.saved.Role == RoleSecondary:
 		a.Role = r.saved.Role

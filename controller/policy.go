@@ -77,6 +77,8 @@ type Adopted struct {
 	Gen        int
 	Epoch      uint64
 	LeaseEpoch uint64
+	// Marked: the earlier agent's primary had its record say what it ran (Policy.Marked).
+	Marked bool
 }
 
 // Policy is the state machine of one side of a pair. It does no I/O and reads no clock. Not
@@ -177,7 +179,7 @@ func Restore(cfg Config, self string, a Adopted) (*Policy, []Action, error) {
 	p.restoreUntil, p.peerGrace = cfg.LeaseTTL, cfg.HeartbeatTimeout
 	switch {
 	case a.Role == RolePrimary:
-		p.role, p.colo, p.why = RolePrimary, a.Colo, "adopted after an agent restart"
+		p.role, p.colo, p.why, p.marked = RolePrimary, a.Colo, "adopted after an agent restart", a.Marked
 		if a.Colo {
 			p.coloLost = a.ColoLost
 		}
@@ -210,6 +212,10 @@ func (p *Policy) Holds() bool { return p.held }
 
 // LeaseEpoch returns the epoch of the lease this side holds or held last.
 func (p *Policy) LeaseEpoch() uint64 { return p.leaseEpoch }
+
+// Marked reports whether the primary record says what this side's primary runs now (for a
+// protected primary: that it is in COLO, so that its secondary may take over).
+func (p *Policy) Marked() bool { return p.marked }
 
 // Fenced reports whether this side's QEMU is frozen.
 func (p *Policy) Fenced() bool { return p.fenced }
@@ -674,12 +680,14 @@ func (p *Policy) acquired(e LeaseAcquired) []Action {
 		if !mine {
 			return p.becomeStale(fmt.Sprintf("%s ran the VM at epoch %d meanwhile", e.Prev.Holder, e.Prev.Epoch))
 		}
-		// Ours again, and nobody ran the VM meanwhile: the record moves to the new epoch.
+		// Ours again, and nobody ran the VM meanwhile: the record moves to the new epoch. It
+		// already says what this side runs if it names this side, its generation and its COLO
+		// (a secondary's takeover reads those, not the epoch).
 		var acts []Action
 		if p.fenced {
 			acts = append(acts, p.thaw("lease regained"))
 		}
-		p.marked = false
+		p.marked = e.Prev.Holder == p.self && e.Prev.Gen == p.gen && e.Prev.Colo == p.colo
 		return append(acts, ActMark{Rec: p.record(p.colo)})
 	case p.role == RoleSecondary && p.wantsLease():
 		if e.Prev.Holder == p.self || e.Prev.Gen != p.gen || !e.Prev.Colo {

@@ -203,7 +203,7 @@ func (w *simWorld) save(i int) {
 	case h.pol.Role() == RoleSecondary || h.pol.Role() == RoleJoining:
 		role = RoleSecondary
 	}
-	h.saved = Adopted{Role: role, Gen: h.pol.Generation(), Epoch: h.pol.Epoch(), LeaseEpoch: h.pol.LeaseEpoch()}
+	h.saved = Adopted{Role: role, Gen: h.pol.Generation(), Epoch: h.pol.Epoch(), LeaseEpoch: h.pol.LeaseEpoch(), Marked: h.pol.Marked()}
 	w.startPending[i] = h.pol.OperatorStarting()
 }
 

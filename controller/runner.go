@@ -642,7 +642,7 @@ func (r *runner) heartbeat(ctx context.Context) {
 func (r *runner) publish(ctx context.Context) {
 	p := r.pol
 	r.epochNow.Store(p.Epoch())
-	s := sideSnap{role: p.Role(), why: p.Why(), epoch: p.Epoch(), gen: p.Generation(), colo: p.Colo(), fenced: p.Fenced(),
+	s := sideSnap{role: p.Role(), why: p.Why(), epoch: p.Epoch(), gen: p.Generation(), colo: p.Colo(), fenced: p.Fenced(), marked: p.Marked(),
 		storeOK: p.StoreOK(), peerOK: p.PeerReachable(), peer: p.Peer(), running: r.vm != nil, link: p.Link()}
 	if ns := r.lastHB.Load(); ns > 0 {
 		s.lastHB = time.Unix(0, ns)

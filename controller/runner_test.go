@@ -406,8 +406,10 @@ func TestRunnerLifecycle(t *testing.T) {
 	if !containsInOrder(qb.commands(), "nbd-server-stop", "x-colo-lost-heartbeat", "object-del", "announce-self") {
 		t.Fatalf("the takeover sent %v", qb.commands())
 	}
-	if got := st.LastFailover.Why; !strings.Contains(got, "handed over") {
-		t.Errorf("takeover reason %q, want a hand-over", got)
+	// The crashed side lets go of the lease first and then hands over (one tick sooner): the
+	// secondary may take over on its heartbeat's idle role before the hand-over arrives.
+	if got := st.LastFailover.Why; !strings.Contains(got, "handed over") && got != "primary is idle" {
+		t.Errorf("takeover reason %q, want a hand-over or the primary's idle role", got)
 	}
 	seen := map[EventKind]bool{}
 	for drain := time.After(200 * time.Millisecond); ; {

@@ -96,6 +96,7 @@ type sideSnap struct {
 	epoch        uint64
 	gen          int
 	colo, fenced bool
+	marked       bool // a primary's record says what it runs (a protection is complete once it does)
 	storeOK      bool
 	peerOK       bool
 	peer         PeerView
@@ -232,7 +233,14 @@ func pairState(s *sideSnap) State {
 		if s.fenced {
 			return StateFailingOver
 		}
-		if s.colo {
+		switch {
+		case s.colo && !s.marked:
+			// In COLO, but the record does not say so yet: the secondary could not take over.
+			if s.gen > 1 {
+				return StateReprotecting
+			}
+			return StateProtecting
+		case s.colo:
 			return StateProtected
 		}
 		return StateDegraded

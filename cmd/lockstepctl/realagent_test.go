@@ -50,7 +50,7 @@ spec:
 	if err != nil {
 		t.Fatalf("get -o yaml refused by create: %v\n%s", err, first)
 	}
-	for _, w := range []string{"memory: 128Mi", "vcpus: 1", "machine: pc", "model: e1000", "checkpointDelay: 300ms", "compareTimeout: 3s", "bootSettle: 0s", "autoReprotect: false", "status:"} {
+	for _, w := range []string{"memory: 128Mi", "vcpus: 1", "machine: pc", "model: e1000", "checkpointDelay: 300ms", "compareTimeout: 100ms", "bootSettle: 0s", "autoReprotect: false", "status:"} {
 		if !strings.Contains(first, w) {
 			t.Errorf("get -o yaml lacks %q (the agent's defaults):\n%s", w, first)
 		}

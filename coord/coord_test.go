@@ -41,18 +41,18 @@ func TestMain(m *testing.M) {
 // prefixes gives each test (each run of it, under -count) a key prefix of its own, shared by
 // all the stores that test opens.
 var (
-	prefixes   sync.Map // *testing.T -> string
+	prefixes   sync.Map // testing.TB -> string
 	prefixSeq  atomic.Int64
 	processTag = strconv.FormatInt(time.Now().UnixNano(), 36)
 )
 
-func testPrefix(t *testing.T) string {
+func testPrefix(t testing.TB) string {
 	p, _ := prefixes.LoadOrStore(t, fmt.Sprintf("/test/%s-%d/%s/", processTag, prefixSeq.Add(1), t.Name()))
 	return p.(string)
 }
 
 // newStore returns a client of endpoints under the test's prefix, closed at cleanup.
-func newStore(t *testing.T, endpoints []string) *Etcd {
+func newStore(t testing.TB, endpoints []string) *Etcd {
 	t.Helper()
 	s, err := NewEtcd(EtcdConfig{
 		Endpoints:   endpoints,
@@ -278,15 +278,25 @@ func TestWatchPairs(t *testing.T) {
 	check([]PairEvent{{Name: "c", Value: []byte("c1")}, {Name: "a", Value: []byte("a2")}, {Name: "b", Deleted: true}})
 	noMore(t, ch, 200*time.Millisecond)
 
+	// The channel closes (BenchmarkWatchCloseAfterCancel measures how soon); liveness guards
+	// only say that it does.
 	cancel()
-	start := time.Now()
-	for range ch {
-		t.Fatal("event after cancel")
-	}
-	if d := time.Since(start); d > time.Second {
-		t.Fatalf("channel closed %v after cancel", d)
+	for {
+		select {
+		case _, ok := <-ch:
+			if ok {
+				t.Fatal("event after cancel")
+			}
+			return
+		case <-time.After(liveness):
+			t.Fatalf("channel still open %v after cancel", liveness)
+		}
 	}
 }
+
+// liveness bounds a wait for something that must happen, not how soon: the benchmarks
+// measure that.
+const liveness = 30 * time.Second
 
 // TestPairWatcherRelist drives the list and watch phases directly: a watch that broke must
 // report only what changed meanwhile, vanished pairs included, and a compacted revision must

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lockstepvm/lockstep/pairspec"
 )
@@ -132,6 +133,14 @@ spec:
 	}
 	// op1's QEMU never runs (restart policy never): the pair fails; start is allowed, a drill
 	// and the console are not.
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if out, _ := ctl("", exitOK, "status", "op1", "-o", "json"); strings.Contains(out, `"state": "failed"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("op1 did not fail although its QEMU cannot start")
+		}
+	}
 	if _, errOut := ctl("", exitFailed, "test-failover", "op1"); !strings.Contains(errOut, "protected") {
 		t.Errorf("test-failover of an unprotected pair: %s", errOut)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	pb "github.com/lockstepvm/lockstep/proto/lockstep/v1"
@@ -51,8 +52,13 @@ func (a *app) drill(command, name string, target drillTarget, wait time.Duration
 	if st := resp.GetPair().GetStatus().GetState(); st != pb.PairState_PAIR_STATE_PROTECTED {
 		return fmt.Errorf("%s %s: the pair is %s: %w (a drill needs a protected pair)", command, name, stateName(st), errNotProtected)
 	}
-	wctx, wcancel := context.WithTimeout(context.Background(), wait)
+	// The wait is the client's own timer, not a deadline on the stream: a deadline goes to the
+	// agent too, which may end the stream a moment before this side's context says why.
+	wctx, wcancel := context.WithCancel(context.Background())
 	defer wcancel()
+	var timedOut atomic.Bool
+	timer := time.AfterFunc(wait, func() { timedOut.Store(true); wcancel() })
+	defer timer.Stop()
 	stream, err := a.client.WatchPair(wctx, &pb.WatchPairRequest{Name: name})
 	if err != nil {
 		return err
@@ -78,7 +84,7 @@ func (a *app) drill(command, name string, target drillTarget, wait time.Duration
 	for ferr == nil {
 		r, err := stream.Recv()
 		if err != nil {
-			if wctx.Err() != nil {
+			if timedOut.Load() {
 				ferr = fmt.Errorf("%s %s: not protected again within %v", command, name, wait)
 			} else {
 				ferr = err

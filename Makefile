@@ -6,7 +6,7 @@ GO ?= go
 STATICCHECK_VERSION ?= v0.8.2
 TOOLS := $(BUILD)/tools
 
-.PHONY: all build test unit lint qemu guest bench fuzz clean proto demo install uninstall fuzz-spec
+.PHONY: all build test unit lint qemu guest bench bench-idle fuzz clean proto demo install uninstall fuzz-spec
 
 all: build
 
@@ -47,6 +47,11 @@ bench: qemu guest
 	$(GO) test -run '^$$' -bench . -benchtime 2000x -count 3 ./qmp/
 	$(GO) test -run '^$$' -bench BenchmarkColo -benchtime 1x -timeout 30m ./integration/
 	$(GO) test -run '^$$' -bench BenchmarkReplicationTLS -benchtime 1x -timeout 30m ./integration/
+	bash scripts/bench-idle.sh
+
+# lockstepd's own CPU and memory with 0, 1 and 4 idle protected pairs (see scripts/bench-idle.sh).
+bench-idle: qemu guest
+	bash scripts/bench-idle.sh
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./qmp/

@@ -439,9 +439,9 @@ func TestValidate(t *testing.T) {
 	}
 }
 
-// The spec of docs/README-draft.md decodes, and its misspelling is refused as the page says.
+// The spec of README.md decodes, and its misspelling is refused as the page says.
 func TestDocsExample(t *testing.T) {
-	b, err := os.ReadFile("../docs/README-draft.md")
+	b, err := os.ReadFile("../README.md")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -56,6 +56,17 @@ import (
 //     clock jumped) advances time by all of them, so that lease deadlines pass as they did in
 //     the store, and no decision is taken until the store has answered a request sent after
 //     the jump.
+//   - A cold boot (a pair's first, a restart of its only copy, an operator's start) writes the
+//     record first too (ActBoot carries it): a VM that released output the record does not
+//     name would let a secondary of an older generation take over past it. Only the side the
+//     record names boots (the preferred side when there is no record), so the restarted VM's
+//     disk has every write it acknowledged.
+//   - A stop marks the record "this side, alone" before the lease goes: a secondary still in
+//     COLO then finds itself stale instead of taking the stopped VM over; a stopped side
+//     prepares no secondary.
+//   - A protection is complete (the pair shows protected, a failover may be asked) once the
+//     record names the primary, its generation and COLO: until then its secondary could not
+//     take over.
 
 // Adopted is what a restarted agent found of its side: a QEMU that outlived the earlier agent,
 // what it runs as, and what the earlier agent had saved.

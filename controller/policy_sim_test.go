@@ -163,12 +163,12 @@ func (w *simWorld) step(i int, ev Event) {
 	}
 	before := h.pol.Role()
 	acts, err := h.pol.Step(ev)
-	switch ev.(type) {
+	switch ev := ev.(type) {
 	case Stop:
 		w.stopDone[i] = true
 	case Start:
 		w.stopDone[i] = false
-		if ev.(Start).Operator {
+		if ev.Operator {
 			w.seenStarts[i] = w.starts
 		}
 	}
@@ -327,7 +327,7 @@ func (w *simWorld) do(i int, a Action) {
 		w.send(i, AloneDone{}, 1+w.delay())
 	case ActHandOver:
 		if w.linkAB {
-			w.step(peer, HandOverRequest{Epoch: a.Epoch, Kind: a.Kind, Why: a.Why})
+			w.step(peer, HandOverRequest(a))
 		}
 	case ActTearDownPeer:
 		if w.linkAB {

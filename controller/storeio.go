@@ -172,16 +172,3 @@ func (s *storeIO) mark(ctx context.Context, h coord.Held, rec PrimaryRecord) err
 	defer cancel()
 	return s.st.Mark(cctx, h, b)
 }
-
-// record reads the pair's primary record.
-func (s *storeIO) record(ctx context.Context) (PrimaryRecord, error) {
-	cctx, cancel := context.WithTimeout(ctx, s.timeout)
-	defer cancel()
-	b, err := s.st.Record(cctx, s.pair)
-	if err != nil || len(b) == 0 {
-		return PrimaryRecord{}, err
-	}
-	var rec PrimaryRecord
-	err = json.Unmarshal(b, &rec)
-	return rec, err
-}

@@ -120,6 +120,19 @@ func (v *VM) Release() {
 	}
 }
 
+// QMPCounts are the commands of a VM's QMP connection that QEMU refused or did not answer in
+// time.
+type QMPCounts struct{ Refused, Timeouts uint64 }
+
+// QMPCounts returns what the VM's QMP connection has counted since it opened.
+func (v *VM) QMPCounts() QMPCounts {
+	if v.QMP == nil {
+		return QMPCounts{}
+	}
+	st := v.QMP.Stats()
+	return QMPCounts{Refused: st.Refused, Timeouts: st.Timeouts}
+}
+
 // Signal sends sig to the QEMU process.
 func (v *VM) Signal(sig syscall.Signal) error { return v.proc.Signal(sig) }
 

@@ -61,6 +61,8 @@ type counters struct {
 	pauses      histogram
 	failovers   histogram
 	failed      uint64 // failover sequences that failed
+	qmpRefused  uint64 // QMP commands QEMU answered with an error
+	qmpTimeouts uint64 // QMP commands past their deadline
 }
 
 func newCounters() counters {
@@ -73,6 +75,8 @@ func (c *counters) add(o counters) {
 	c.pauses.add(o.pauses)
 	c.failovers.add(o.failovers)
 	c.failed += o.failed
+	c.qmpRefused += o.qmpRefused
+	c.qmpTimeouts += o.qmpTimeouts
 }
 
 // pairMetrics are a side's counters, written by its observer and workers, read by WriteMetrics.
@@ -93,6 +97,14 @@ func (m *pairMetrics) checkpoint(pause time.Duration, early bool) {
 	m.c.pauses.observe(pause.Seconds())
 }
 
+// qmp adds QMP commands refused by QEMU and past their deadline.
+func (m *pairMetrics) qmp(refused, timeouts uint64) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.c.qmpRefused += refused
+	m.c.qmpTimeouts += timeouts
+}
+
 func (m *pairMetrics) failover(took time.Duration, ok bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -108,7 +120,7 @@ func MetricFamilies() []string {
 	return []string{"lockstep_pair_state", "lockstep_failovers_total", "lockstep_checkpoints_total", "lockstep_checkpoint_pause_seconds",
 		"lockstep_checkpoint_bytes", "lockstep_resync_bytes", "lockstep_resync_total_bytes", "lockstep_fencing_epoch",
 		"lockstep_store_reachable", "lockstep_peer_reachable", "lockstep_failover_duration_seconds", "lockstep_store_queue_length",
-		"lockstep_peer_auth_failures_total"}
+		"lockstep_peer_auth_failures_total", "lockstep_qmp_errors_total", "lockstep_qmp_timeouts_total"}
 }
 
 // WriteMetrics writes, in Prometheus' text exposition format, the metrics of the pairs this
@@ -201,6 +213,14 @@ func (a *Agent) WriteMetrics(w io.Writer) {
 	family("lockstep_store_queue_length", "gauge", "Store and peer requests of the pair's sides waiting in this agent (never dropped).")
 	for _, r := range rows {
 		fmt.Fprintf(&b, "lockstep_store_queue_length{pair=%q} %d\n", r.st.Name, r.queue)
+	}
+	family("lockstep_qmp_errors_total", "counter", "QMP commands to the pair's QEMUs that QEMU refused (answered with an error).")
+	for _, r := range rows {
+		fmt.Fprintf(&b, "lockstep_qmp_errors_total{pair=%q} %d\n", r.st.Name, r.m.qmpRefused)
+	}
+	family("lockstep_qmp_timeouts_total", "counter", "QMP commands to the pair's QEMUs that QEMU did not answer before their deadline.")
+	for _, r := range rows {
+		fmt.Fprintf(&b, "lockstep_qmp_timeouts_total{pair=%q} %d\n", r.st.Name, r.m.qmpTimeouts)
 	}
 	family("lockstep_peer_auth_failures_total", "counter", "Peer-link connections and requests this agent refused, by reason (peerauth.go).")
 	counts := a.peerAuthCounts()

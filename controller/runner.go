@@ -50,8 +50,11 @@ type runner struct {
 	stopc chan struct{}
 	// starts is the last of the operator's starts this side took (PairConfig.Starts).
 	starts uint64
-	quit   chan struct{} // closed when the loop starts to stop: nothing is posted any more
-	done   chan struct{}
+	// qmpVM is the VM countQMP read last, and qmpSeen what its QMP connection had counted.
+	qmpVM   *checkpoint.VM
+	qmpSeen checkpoint.QMPCounts
+	quit    chan struct{} // closed when the loop starts to stop: nothing is posted any more
+	done    chan struct{}
 
 	fenceNext  atomic.Pointer[fence.Guard] // the newest guard for the host's fence keeper
 	fenceWake  chan struct{}
@@ -640,6 +643,7 @@ func (r *runner) heartbeat(ctx context.Context) {
 // publish refreshes this side's snapshot in the pair's view, saves what a successor agent
 // needs when it changed, and tells the peer at once when the role changed.
 func (r *runner) publish(ctx context.Context) {
+	r.countQMP()
 	p := r.pol
 	r.epochNow.Store(p.Epoch())
 	s := sideSnap{role: p.Role(), why: p.Why(), epoch: p.Epoch(), gen: p.Generation(), colo: p.Colo(), fenced: p.Fenced(), marked: p.Marked(),
@@ -679,6 +683,22 @@ func (r *runner) noteTakeover() {
 	rec := &FailoverRecord{At: h.at, Why: h.why, Sequence: "hand-over to " + r.config().Sides[r.side.Other()].Agent,
 		Took: time.Since(h.at), Trigger: triggerOf(h.kind)}
 	r.view.failover(rec)
+}
+
+// countQMP adds to the metrics what the side's QMP connection refused or timed out since it
+// was last read (a new QEMU's connection counts from zero).
+func (r *runner) countQMP() {
+	if r.vm != r.qmpVM {
+		r.qmpVM, r.qmpSeen = r.vm, checkpoint.QMPCounts{}
+	}
+	if r.vm == nil {
+		return
+	}
+	st := r.vm.QMPCounts()
+	if st != r.qmpSeen {
+		r.metrics.qmp(st.Refused-r.qmpSeen.Refused, st.Timeouts-r.qmpSeen.Timeouts)
+		r.qmpSeen = st
+	}
 }
 
 func (r *runner) publishStats() {

@@ -516,6 +516,13 @@ func TestRunnerProtectionStepFails(t *testing.T) {
 	if !containsInOrder(after, "migrate", "migrate_cancel", "chardev-remove", "chardev-add") {
 		t.Fatalf("after a failed migrate the primary got %v, want the clean-up before the retry", after)
 	}
+	// The primary's refused migrate is counted.
+	var page strings.Builder
+	a.WriteMetrics(&page)
+	var refused int
+	if _, err := fmt.Sscanf(page.String()[strings.Index(page.String(), `lockstep_qmp_errors_total{pair="db1"}`):], `lockstep_qmp_errors_total{pair="db1"} %d`, &refused); err != nil || refused < 1 {
+		t.Fatalf("lockstep_qmp_errors_total of db1: %d (%v), want the refused migrate counted", refused, err)
+	}
 }
 
 // Requests the pair cannot take change nothing and say why; a request racing the pair's

@@ -66,6 +66,8 @@ type Client struct {
 
 	unknownReplies  atomic.Uint64
 	unmatchedEvents atomic.Uint64
+	refused         atomic.Uint64
+	timeouts        atomic.Uint64
 }
 
 // inbandCall is an in-band call waiting for its reply.
@@ -271,11 +273,16 @@ type Stats struct {
 	UnknownReplies uint64
 	// UnmatchedEvents counts events that no subscription wanted.
 	UnmatchedEvents uint64
+	// Refused counts commands QEMU answered with an error (an *Error).
+	Refused uint64
+	// Timeouts counts commands whose context's deadline passed before QEMU answered.
+	Timeouts uint64
 }
 
 // Stats returns the connection's anomaly counters.
 func (c *Client) Stats() Stats {
-	return Stats{UnknownReplies: c.unknownReplies.Load(), UnmatchedEvents: c.unmatchedEvents.Load()}
+	return Stats{UnknownReplies: c.unknownReplies.Load(), UnmatchedEvents: c.unmatchedEvents.Load(),
+		Refused: c.refused.Load(), Timeouts: c.timeouts.Load()}
 }
 
 func (c *Client) reader(r *bufio.Reader) {
@@ -440,6 +447,13 @@ func plainName(s string) bool {
 func (c *Client) execute(ctx context.Context, verb, command string, args, result any, files []*os.File) (err error) {
 	defer func() {
 		if err != nil {
+			var qe *Error
+			switch {
+			case errors.As(err, &qe):
+				c.refused.Add(1)
+			case errors.Is(err, context.DeadlineExceeded):
+				c.timeouts.Add(1)
+			}
 			var ce *CommandError
 			if !errors.As(err, &ce) || ce.Command != command {
 				err = &CommandError{Command: command, Err: err}

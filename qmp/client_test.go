@@ -241,8 +241,31 @@ func TestAbandonedCallKeepsTheOrder(t *testing.T) {
 	if err := c.Execute(ctxT(t), "next", nil, &got); err != nil || got != "next" {
 		t.Fatalf("next got %q %v", got, err)
 	}
-	if st := c.Stats(); st.UnknownReplies != 1 {
-		t.Errorf("UnknownReplies = %d, want the late one", st.UnknownReplies)
+	if st := c.Stats(); st.UnknownReplies != 1 || st.Timeouts != 1 || st.Refused != 0 {
+		t.Errorf("stats %+v, want the late reply and one timeout", st)
+	}
+}
+
+// Stats count the commands QEMU refused and those past their deadline, not those cancelled.
+func TestStatsCountRefusalsAndTimeouts(t *testing.T) {
+	s := qmptest.New(t)
+	s.Handle("bad", func(c *qmptest.Conn, r *qmptest.Request) { c.ReplyError(r, "GenericError", "no") })
+	s.Handle("slow", func(c *qmptest.Conn, r *qmptest.Request) {})
+	s.Handle("ok", qmptest.Return(struct{}{}))
+	c := dial(t, s)
+	for range 2 {
+		if err := c.Execute(ctxT(t), "bad", nil, nil); err == nil {
+			t.Fatal("bad: no error")
+		}
+	}
+	if err := c.Execute(ctxT(t), "ok", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_ = c.Execute(cctx, "slow", nil, nil)
+	if st := c.Stats(); st.Refused != 2 || st.Timeouts != 0 {
+		t.Fatalf("stats %+v, want 2 refused and no timeout (a cancel is not one)", st)
 	}
 }
 

@@ -5,6 +5,8 @@
 # protected pairs of the test guest, and prints a table with the cost per pair against the
 # no-pair baseline of the same run. The guests are idle (no client); the QEMUs' own CPU is not
 # counted. Needs root (namespaces, bridges, taps). MEASURE=seconds per phase (default 30).
+# PROFILE=folder also takes a CPU profile of the agent over each phase (lockstepd --pprof) and
+# writes it there as idle-N.pprof (`go tool pprof -top build/bin/lockstepd idle-1.pprof`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 BUILD=${BUILD:-$here/build}
@@ -51,7 +53,15 @@ if ! grep -qsE "^allow ($bridge|all)\$" "$acl"; then
 	echo "allow $bridge" >>"$acl"
 fi
 
-ip netns exec "$ns" "$BUILD/bin/lockstepd" --state-dir "$work/state" --overlay-dir "$ovl" --listen "unix://$work/api.sock" \
+profile=${PROFILE:-}
+extra=()
+if [ -n "$profile" ]; then
+	mkdir -p "$profile"
+	profile=$(cd "$profile" && pwd)
+	ip -n "$ns" link set lo up
+	extra=(--metrics-listen 127.0.0.1:9464 --pprof)
+fi
+ip netns exec "$ns" "$BUILD/bin/lockstepd" --state-dir "$work/state" --overlay-dir "$ovl" --listen "unix://$work/api.sock" "${extra[@]}" \
 	>"$work/lockstepd.log" 2>&1 &
 agent=$!
 ctl() { "$BUILD/bin/lockstepctl" --addr "unix://$work/api.sock" "$@"; }
@@ -108,7 +118,11 @@ phase() { # phase N: measure the agent with N protected pairs
 	local n=$1 t0 t1
 	sleep 5
 	t0=$(ticks)
-	sleep "$measure"
+	if [ -n "$profile" ]; then
+		ip netns exec "$ns" curl -sf -o "$profile/idle-$n.pprof" "http://127.0.0.1:9464/debug/pprof/profile?seconds=$measure"
+	else
+		sleep "$measure"
+	fi
 	t1=$(ticks)
 	rows+=("$n $(awk -v a="$t0" -v b="$t1" -v hz="$hz" -v s="$measure" 'BEGIN{printf "%.3f", (b-a)/hz/s*100}') $(rss)")
 }

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -46,6 +47,7 @@ type config struct {
 	TLSKey        string        `yaml:"tls-key"`
 	TLSCA         string        `yaml:"tls-ca"`
 	MetricsListen string        `yaml:"metrics-listen"`
+	Pprof         bool          `yaml:"pprof"`
 	LogFormat     string        `yaml:"log-format"`
 	LogLevel      string        `yaml:"log-level"`
 	CheckInterval time.Duration `yaml:"check-interval"`
@@ -143,6 +145,7 @@ func run(args []string) int {
 	fs.StringVar(&cfg.TLSKey, "tls-key", "", "server key (PEM)")
 	fs.StringVar(&cfg.TLSCA, "tls-ca", "", "CA (PEM) that client certificates must chain to")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "address for Prometheus metrics at /metrics (off when empty)")
+	fs.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's profiles at /debug/pprof/ on the metrics address (for finding what the agent spends its CPU on)")
 	fs.StringVar(&cfg.LogFormat, "log-format", cfg.LogFormat, "log format: text or json")
 	fs.StringVar(&cfg.LogLevel, "log-level", cfg.LogLevel, "log level: debug, info, warn or error")
 	fs.DurationVar(&cfg.CheckInterval, "check-interval", cfg.CheckInterval, "how often each QEMU's health is checked over QMP")
@@ -175,6 +178,10 @@ func run(args []string) int {
 			fmt.Fprintf(os.Stderr, "lockstepd: %v\n", err)
 			return 2
 		}
+	}
+	if cfg.Pprof && cfg.MetricsListen == "" {
+		fmt.Fprintln(os.Stderr, "lockstepd: --pprof serves the profiles on the metrics address: give --metrics-listen too")
+		return 2
 	}
 	log, err := newLogger(cfg.LogFormat, cfg.LogLevel)
 	if err != nil {
@@ -245,6 +252,12 @@ func run(args []string) int {
 			w.Header().Set("Content-Type", "text/plain; version=0.0.4")
 			agent.WriteMetrics(w)
 		})
+		if cfg.Pprof {
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		}
 		ml, err := net.Listen("tcp", cfg.MetricsListen)
 		if err != nil {
 			log.Error("metrics listener", "err", err)
@@ -451,6 +464,8 @@ func loadConfig(path string, cfg *config, fs *flag.FlagSet) error {
 			saved.TLSCA = fromFile.TLSCA
 		case "metrics-listen":
 			saved.MetricsListen = fromFile.MetricsListen
+		case "pprof":
+			saved.Pprof = fromFile.Pprof
 		case "log-format":
 			saved.LogFormat = fromFile.LogFormat
 		case "log-level":

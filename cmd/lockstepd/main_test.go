@@ -60,6 +60,7 @@ func TestBadUsage(t *testing.T) {
 		{"bad log level", []string{"--state-dir", dir, "--log-level", "loud"}},
 		{"unknown flag", []string{"--frobnicate"}},
 		{"stray argument", []string{"now"}},
+		{"pprof without metrics", []string{"--state-dir", dir, "--pprof"}},
 		{"unknown config key", []string{"--config", badConfig}},
 		{"missing config", []string{"--config", filepath.Join(dir, "none.yaml")}},
 	}
